@@ -1,0 +1,1 @@
+"""One-epoch functions behind the Trainer's four training loops."""
