@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import signal
+import threading
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, Group
@@ -103,6 +106,27 @@ class LossDisplay:
             self.live.update(self._render())
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Raised inside a training loop when the process receives SIGTERM."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into :class:`TrainingInterrupted` while a loop runs (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise TrainingInterrupted("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def train_loop_formatter(train_func: Callable[..., Any]) -> Callable[..., Any]:
     """Turn a one-epoch training method into an epoch loop.
 
@@ -112,18 +136,22 @@ def train_loop_formatter(train_func: Callable[..., Any]) -> Callable[..., Any]:
     epochs (continuing a resumed run where it stopped), keeps the history, early stopping,
     schedule, callbacks and optional TensorBoard writer up to date, shows a live rich
     display of every term unless the trainer is silent, and prints why it stopped after the
-    display closes. It returns True when training stopped early.
+    display closes. It returns True when training stopped early (also when non-finite
+    losses persisted). On Ctrl-C or SIGTERM the trainer's state is saved to its
+    ``checkpoint_path`` (when set) before the interruption propagates.
     """
 
     @functools.wraps(train_func)
     def loop(trainer: Trainer, epochs: int, *args: Any, **kwargs: Any) -> bool:
+        from ._trainer import NonFiniteError
+
         start = trainer._begin_loop(train_func.__name__, epochs)
         display = LossDisplay(
             train_func.__name__, epochs, start=start, enabled=trainer._display_enabled()
         )
         stopped = False
         try:
-            with display:
+            with display, _sigterm_as_interrupt():
                 for loop_epoch in range(start, epochs):
                     state = trainer._begin_epoch(loop_epoch, epochs, display)
                     train_means, valid_means = train_func(trainer, state, *args, **kwargs)
@@ -133,6 +161,12 @@ def train_loop_formatter(train_func: Callable[..., Any]) -> Callable[..., Any]:
                     )
                     if stopped:
                         break
+        except NonFiniteError as err:
+            stopped = True
+            trainer.stop_reason = str(err)
+        except KeyboardInterrupt as err:
+            trainer._on_interrupt(str(err) or "keyboard interrupt")
+            raise
         finally:
             trainer._end_loop(stopped)
         return stopped

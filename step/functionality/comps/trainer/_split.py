@@ -131,9 +131,16 @@ def make_loaders(
     """Split ``dataset`` and return (train, validation) index-batch loaders.
 
     The validation loader is ``None`` when ``split_rate`` is 0. Extra keyword arguments go
-    to :func:`step.utils.dataset.index_loader`.
+    to :func:`step.utils.dataset.index_loader`. Under data-parallel training (an initialised
+    process group) every process gets its own shard of each split, with the same number
+    of batches on every rank.
     """
     from step.utils.dataset import index_loader
+
+    from . import _distributed as ddp
+
+    if ddp.world_size() > 1:
+        index_loader = _sharded_loader  # noqa: F811
 
     if isinstance(batch_size, bool) or int(batch_size) < 1:
         msg = f"batch_size must be a positive integer, got {batch_size!r}."
@@ -146,3 +153,21 @@ def make_loaders(
     train_loader = index_loader(train, batch_size, shuffle=shuffle, seed=loader_seed, **kwargs)
     valid_loader = index_loader(valid, batch_size, shuffle=False, **kwargs)
     return train_loader, valid_loader
+
+
+def _identity(batch: Any) -> Any:
+    return batch
+
+
+def _sharded_loader(dataset: Any, batch_size: int, *, shuffle: bool = True,
+                    seed: int | None = None, drop_last: bool = False, **kwargs: Any
+                    ) -> DataLoader:
+    """An index-batch loader over this process's shard of ``dataset``."""
+    from torch.utils.data import DataLoader
+
+    from . import _distributed as ddp
+
+    batches = ddp.ShardedIndexBatches(
+        len(dataset), batch_size, rank=ddp.rank(), world_size=ddp.world_size(),
+        shuffle=shuffle, seed=0 if seed is None else seed, drop_last=drop_last)
+    return DataLoader(dataset, batch_size=None, sampler=batches, collate_fn=_identity, **kwargs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import time
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from . import _checkpoint as ckpt
+from . import _distributed as ddp
 from ._callbacks import call_hook
 from ._early_stopping import (
     TOTAL_KEY,
@@ -29,6 +31,10 @@ from ._progress import LossDisplay, train_loop_formatter
 from ._running import RunningMeans
 from ._split import make_loaders as _make_loaders
 from .loops import full_batch, graph_batch, mini_batch, node_sampler
+
+class NonFiniteError(FloatingPointError):
+    """Raised when non-finite losses persist; a training loop turns it into a stop."""
+
 
 StopConfig = Mapping[str, "tuple[int, float] | None"]
 
@@ -83,7 +89,12 @@ class Trainer:
     check_finite
         Skip any step whose loss or gradient is not finite (one host sync per step).
     max_bad_steps
-        Consecutive non-finite steps tolerated before training stops with an error message.
+        Consecutive non-finite steps tolerated before ``on_nonfinite`` acts.
+    on_nonfinite
+        ``"rollback"``: return to the last good state (weights and optimizer at the end of
+        the last finite epoch), halve every learning rate and go on, at most
+        ``max_rollbacks`` times; ``"stop"`` (or rollbacks exhausted): end training with a
+        message naming the term that went bad (best weights are restored as usual).
     checkpoint_path, checkpoint_every
         Write a checkpoint every ``checkpoint_every`` epochs to ``checkpoint_path``.
     callbacks
@@ -92,6 +103,9 @@ class Trainer:
         ``on_train_end``; keyword arguments they do not accept are dropped.
     writer
         A TensorBoard ``SummaryWriter`` or a log folder for one.
+    distributed
+        ``"auto"`` joins the process group that ``torchrun`` describes (gloo on CPU, NCCL
+        on GPU) and trains with DistributedDataParallel; ``False`` never does.
     verbose
         Show the live display (only on a terminal) and print stop messages.
     trace_func
@@ -114,10 +128,13 @@ class Trainer:
         kl_warmup_epochs: int = 0,
         check_finite: bool = True,
         max_bad_steps: int = 20,
+        on_nonfinite: str = "rollback",
+        max_rollbacks: int = 3,
         checkpoint_path: str | os.PathLike | None = None,
         checkpoint_every: int | None = None,
         callbacks: Iterable[Any] = (),
         writer: Any = None,
+        distributed: bool | str = "auto",
         verbose: bool = True,
         trace_func: Callable[[str], Any] = print,
     ) -> None:
@@ -128,6 +145,13 @@ class Trainer:
             ckpt.seed_everything(seed)
         self.seed = seed
         self.device = self._resolve_device(device)
+        self.distributed = False
+        if distributed:
+            self.distributed = ddp.init_distributed(self.device)
+            if self.distributed and self.device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+                torch.cuda.set_device(self.device)
+        self._ddp_model: nn.Module | None = None
         self.model = model.to(self.device)
         self.loss_weights = dict(loss_weights or {})
         self.stop_config: dict[str, tuple[int, float] | None] = {}
@@ -142,6 +166,13 @@ class Trainer:
         self.kl_warmup_epochs = int(kl_warmup_epochs)
         self.check_finite = check_finite
         self.max_bad_steps = int(max_bad_steps)
+        if on_nonfinite not in ("rollback", "stop"):
+            msg = f"on_nonfinite must be 'rollback' or 'stop', got {on_nonfinite!r}."
+            raise ValueError(msg)
+        self.on_nonfinite = on_nonfinite
+        self.max_rollbacks = int(max_rollbacks)
+        self.n_rollbacks = 0
+        self._good_state: dict[str, Any] | None = None
         self.checkpoint_path = checkpoint_path
         self.checkpoint_every = checkpoint_every
         self.callbacks = list(callbacks)
@@ -202,6 +233,34 @@ class Trainer:
             msg = "amp='fp16' needs a CUDA device; use amp='bf16' on the CPU."
             raise ValueError(msg)
         return amp
+
+    @property
+    def is_main_process(self) -> bool:
+        """Whether this process logs and writes files (rank 0, or not distributed)."""
+        return ddp.rank() == 0
+
+    def _wrap_ddp(self) -> None:
+        if not self.distributed:
+            return
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        # rebuilt per loop: the set of trainable parameters changes between stages
+        self._ddp_model = DistributedDataParallel(
+            ddp.LossForward(self.model), device_ids=ids, find_unused_parameters=True)
+
+    def _call_model(self, method: str | Callable, *args: Any, **kwargs: Any
+                    ) -> dict[str, torch.Tensor]:
+        """Call a model method (or a loss function) through the DDP wrapper when training
+        is distributed, so gradients are synchronised."""
+        if self._ddp_model is not None and self.model.training and torch.is_grad_enabled():
+            return self._ddp_model(method, *args, **kwargs)
+        fn = method if callable(method) else getattr(self.model, method)
+        return fn(*args, **kwargs)
+
+    def _means(self, means: RunningMeans, prefix: str = "") -> dict[str, float]:
+        """Epoch means, summed over ranks when training is distributed."""
+        return means.means(prefix, reduce=ddp.all_reduce_sum if self.distributed else None)
 
     def mode_switch_to_train(self) -> None:
         """Put the model in training mode."""
@@ -379,7 +438,7 @@ class Trainer:
         """
         inputs = self._as_inputs(input_tuple)
         with self._autocast():
-            return self.model.loss(inputs, **self._loss_kwargs())
+            return self._call_model("loss", inputs, **self._loss_kwargs())
 
     @staticmethod
     def _as_inputs(input_tuple: Any) -> dict[str, torch.Tensor]:
@@ -416,8 +475,8 @@ class Trainer:
         if mask is not None:
             mask = mask.to(self.device, non_blocking=True)
         with self._autocast():
-            return self.model.graph_loss(
-                inputs, edge_index, loss_mask=mask, end_to_end=end_to_end,
+            return self._call_model(
+                "graph_loss", inputs, edge_index, loss_mask=mask, end_to_end=end_to_end,
                 **self._loss_kwargs())
 
     def _total(self, loss_dict: Mapping[str, Any]) -> torch.Tensor:
@@ -469,6 +528,8 @@ class Trainer:
             if norm is not None:
                 finite = finite & torch.isfinite(norm)
             ok = bool(finite)  # the one host sync per step: bad values must not land
+            if self.distributed:
+                ok = ddp.all_agree(ok, self.device)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -481,15 +542,49 @@ class Trainer:
             self.n_skipped_steps += 1
             self._bad_streak += 1
             if self._bad_streak >= self.max_bad_steps:
-                bad = [k for k, v in loss_dict.items()
-                       if torch.is_tensor(v) and not bool(torch.isfinite(v).all())]
-                what = f"terms {bad}" if bad else "the gradients"
-                msg = (f"{self._bad_streak} consecutive steps had non-finite values in "
-                       f"{what} (epoch {self.epoch}); training stopped. Lower the learning "
-                       "rate, enable grad_clip, or check the input counts.")
-                raise FloatingPointError(msg)
+                self._handle_bad_streak(loss_dict)
         self.global_step += 1
         return total.detach()
+
+    def _snapshot_good_state(self) -> None:
+        if self.on_nonfinite != "rollback" or self.optimizer is None:
+            return
+        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            return
+        self._good_state = {
+            "model": {k: v.detach().to("cpu", copy=True)
+                      for k, v in self.model.state_dict().items()},
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+        }
+
+    def _handle_bad_streak(self, loss_dict: Mapping[str, Any]) -> None:
+        bad = [k for k, v in loss_dict.items()
+               if torch.is_tensor(v) and not bool(torch.isfinite(v).all())]
+        what = f"loss terms {bad}" if bad else "the gradients"
+        streak, self._bad_streak = self._bad_streak, 0
+        if (self.on_nonfinite == "rollback" and self._good_state is not None
+                and self.n_rollbacks < self.max_rollbacks):
+            self.model.load_state_dict(self._good_state["model"])
+            self.optimizer.load_state_dict(self._good_state["optimizer"])
+            for group in self.optimizer.param_groups:
+                group["lr"] *= 0.5
+                if "initial_lr" in group:
+                    group["initial_lr"] *= 0.5
+            if hasattr(self.lr_scheduler, "base_lrs"):  # schedules recompute from these
+                self.lr_scheduler.base_lrs = [lr * 0.5 for lr in self.lr_scheduler.base_lrs]
+            self.n_rollbacks += 1
+            self._say(f"{streak} consecutive non-finite steps in {what} at epoch {self.epoch}: "
+                      "rolled back to the last good state and halved the learning rates "
+                      f"(rollback {self.n_rollbacks}/{self.max_rollbacks}).")
+            return
+        msg = (f"training stopped at epoch {self.epoch}: {streak} consecutive steps had "
+               f"non-finite values in {what}. Lower the learning rate, set grad_clip, or "
+               "check the input counts.")
+        raise NonFiniteError(msg)
+
+    def _say(self, message: str) -> None:
+        if self.verbose and self.is_main_process:
+            self.trace_func(message)
 
     # ---------------------------------------------------------- running means
     @staticmethod
@@ -587,7 +682,7 @@ class Trainer:
 
     # ----------------------------------------------------------------- loops
     def _display_enabled(self) -> bool:
-        if not self.verbose:
+        if not self.verbose or not self.is_main_process:
             return False
         from rich.console import Console
 
@@ -615,6 +710,8 @@ class Trainer:
         self._stop_request = None
         self.stop_reason = None
         self.model.train()
+        self._wrap_ddp()
+        self._snapshot_good_state()
         call_hook(self.callbacks, "on_train_start", trainer=self, loop=name, epochs=epochs)
         return start
 
@@ -660,17 +757,25 @@ class Trainer:
         row["seconds"] = time.perf_counter() - state.started
         call_hook(self.callbacks, "on_train_epoch_end", trainer=self, epoch=self.epoch,
                   logs=row)
-        if self._stop_request is not None and not stop:
+        requested = self._stop_request is not None
+        if self.distributed:
+            requested = ddp.any_rank(requested, self.device)
+            self._stop_request = self._stop_request or ("another process asked to stop"
+                                                        if requested else None)
+        if requested and not stop:
             stop = True
             self.stop_reason = f"stopped after epoch {self.epoch}: {self._stop_request}"
         self._rows.append(row)
-        self._write_tensorboard(row)
+        if self.is_main_process:
+            self._write_tensorboard(row)
         self._step_scheduler(monitored)
         self.epoch += 1
         self._loop_epoch = state.loop_epoch + 1
         if (self.checkpoint_path is not None and self.checkpoint_every
                 and self.epoch % int(self.checkpoint_every) == 0):
             self.save_checkpoint(self.checkpoint_path)
+        if all(math.isfinite(v) for v in train.values()):
+            self._snapshot_good_state()
         return stop
 
     def _end_loop(self, stopped: bool) -> None:
@@ -680,14 +785,22 @@ class Trainer:
             self.model.load_state_dict(self._best["state"])
             restored = self._best["epoch"]
         call_hook(self.callbacks, "on_train_end", trainer=self, stopped=stopped)
-        if self.verbose:
-            if self.stop_reason:
-                self.trace_func(self.stop_reason)
-            if restored is not None:
-                key = self.stop_rule.monitor or TOTAL_KEY
-                self.trace_func(f"restored the weights of epoch {restored} "
-                                f"(best {key} = {self._best['value']:.5g}).")
+        if self.stop_reason:
+            self._say(self.stop_reason)
+        if restored is not None:
+            key = self.stop_rule.monitor or TOTAL_KEY
+            self._say(f"restored the weights of epoch {restored} "
+                      f"(best {key} = {self._best['value']:.5g}).")
         self._full_cache.clear()
+        self._ddp_model = None
+
+    def _on_interrupt(self, reason: str) -> None:
+        """Save what there is (rank 0) when training is interrupted, then report it."""
+        self.stop_reason = f"interrupted during epoch {self.epoch} ({reason})"
+        if self.checkpoint_path is not None and self.optimizer is not None:
+            self.save_checkpoint(self.checkpoint_path)
+            self.stop_reason += f"; state saved to {os.fspath(self.checkpoint_path)}"
+        self._say(self.stop_reason)
 
     def _write_tensorboard(self, row: Mapping[str, Any]) -> None:
         if self.writer is None:
@@ -780,7 +893,7 @@ class Trainer:
         if call_func is None:
             return self.handle_input_tuple(self.to_device(inputs))
         with self._autocast():
-            return call_func(self.to_device(inputs))
+            return self._call_model(call_func, self.to_device(inputs))
 
     @staticmethod
     def _n_obs(inputs: Any) -> int:
@@ -815,7 +928,7 @@ class Trainer:
                 n = self._n_obs(inputs)
                 means.add(loss_dict, n)
                 means.add({TOTAL_KEY: self._total(loss_dict)}, n)
-        return means.means(prefix="val_")
+        return self._means(means, "val_")
 
     def validate_X(self, X: Any, ind: Any = None, call_func: Callable | None = None
                    ) -> dict[str, float]:
@@ -826,7 +939,7 @@ class Trainer:
             means = RunningMeans()
             means.add(loss_dict)
             means.add({TOTAL_KEY: self._total(loss_dict)})
-        return means.means(prefix="val_")
+        return self._means(means, "val_")
 
     def validate_gloader(self, gloader: Iterable, dataset: Any, valid_ind: Any = None,
                          *, end_to_end: bool = False) -> dict[str, float]:
@@ -898,8 +1011,13 @@ class Trainer:
         }
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
-        """Write :meth:`state_dict` to ``path`` atomically (temporary file + rename)."""
-        ckpt.write_checkpoint(self.state_dict(), path)
+        """Write :meth:`state_dict` to ``path`` atomically (temporary file + rename).
+
+        Under data-parallel training only rank 0 writes; the others wait for it.
+        """
+        if self.is_main_process:
+            ckpt.write_checkpoint(self.state_dict(), path)
+        ddp.barrier()
 
     def load_checkpoint(self, path: str | os.PathLike, *, restore_rng: bool = True) -> None:
         """Restore a checkpoint so that the next call of the same loop continues exactly.
@@ -907,6 +1025,7 @@ class Trainer:
         The file is read without executing code; a checkpoint of a model with another
         configuration is refused with a ``ValueError`` naming the differences.
         """
+        ddp.barrier()  # rank 0 may still be writing
         state = ckpt.read_checkpoint(path, map_location=self.device)
         own = dict(getattr(self.model, "config", {}) or {})
         saved = state.get("model_config") or {}

@@ -61,4 +61,4 @@ def run_epoch(
     means.add({TOTAL_KEY: total})
     trainer._after_step(state, loss_dict)
     valid = None if valid_ind is None else trainer.validate_X(X, valid_ind, call_func)
-    return means.means(), valid
+    return trainer._means(means), valid

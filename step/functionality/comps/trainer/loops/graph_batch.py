@@ -69,7 +69,7 @@ def run_epoch(
     valid = None
     if valid_mask is not None:
         valid = _validate_masked(trainer, gloader, dataset, valid_mask, end_to_end=False)
-    return means.means(), valid
+    return trainer._means(means), valid
 
 
 def _validate_masked(
@@ -91,7 +91,7 @@ def _validate_masked(
             loss_dict = trainer.handle_ginput_tuple(graph, dataset, mask, end_to_end=end_to_end)
             means.add(loss_dict, n)
             means.add({TOTAL_KEY: trainer._total(loss_dict)}, n)
-    return means.means(prefix="val_")
+    return trainer._means(means, "val_")
 
 
 def validate(trainer: Trainer, gloader: Iterable, dataset: Any, valid_ind: Any = None, *,

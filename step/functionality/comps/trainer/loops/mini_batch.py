@@ -48,4 +48,4 @@ def run_epoch(
         means.add({TOTAL_KEY: total}, n)
         trainer._after_step(state, loss_dict)
     valid = None if valid_loader is None else trainer.validate_loader(valid_loader, call_func)
-    return means.means(), valid
+    return trainer._means(means), valid

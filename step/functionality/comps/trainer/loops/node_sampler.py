@@ -54,4 +54,4 @@ def run_epoch(
     if valid_loader is not None:
         valid = _validate_masked(trainer, valid_loader, dataset, valid_mask,
                                  end_to_end=end_to_end, seeds_only=True)
-    return means.means(), valid
+    return trainer._means(means), valid
