@@ -1,0 +1,482 @@
+"""Building blocks of TranscriptFormer: tokenizer, readout, decoder, smoother, anchors."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch_geometric.nn import GCNConv
+
+from step.models._likelihoods import (
+    log_nb_from_logs,
+    log_poisson_from_logs,
+    log_zinb_from_logs,
+)
+from step.models._losses import anchor_logits
+
+__all__ = [
+    "DISPERSIONS",
+    "LIKELIHOODS",
+    "AnchorClassifier",
+    "CountDecoder",
+    "FastDropout",
+    "GCNSmoother",
+    "GeneModuleTokenizer",
+    "VariationalReadout",
+]
+
+LIKELIHOODS = ("zinb", "nb", "poisson")
+DISPERSIONS = ("gene", "gene-batch")
+
+# Bounds that keep exp() of learned log-parameters finite in float32.
+_LOG_THETA_RANGE = (-20.0, 20.0)
+_LOGVAR_RANGE = (-15.0, 10.0)
+
+
+class FastDropout(nn.Module):
+    """Inverted dropout drawing its mask from ``torch.rand``.
+
+    Same semantics as :class:`torch.nn.Dropout`, but on CPUs the uniform draw
+    is about twice as fast as the Bernoulli sampler that ``nn.Dropout`` uses.
+
+    Parameters
+    ----------
+    p
+        Probability of zeroing an element, in ``[0, 1)``.
+    """
+
+    def __init__(self, p: float = 0.1) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            msg = f"dropout probability must lie in [0, 1), got {p!r}"
+            raise ValueError(msg)
+        self.p = float(p)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Zero elements with probability ``p`` and rescale the rest (training only)."""
+        if not self.training or self.p == 0.0:
+            return x
+        # Drawn in float32 whatever the activation dtype, so that low-precision
+        # uniforms cannot bias the keep probability.
+        keep = torch.rand(x.shape, device=x.device).ge_(self.p)
+        keep = keep.mul_(1.0 / (1.0 - self.p)).to(x.dtype)
+        return x * keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def transformer_encoder(
+    hidden_dim: int, *, n_layers: int, n_heads: int, dropout: float
+) -> nn.TransformerEncoder:
+    """Pre-norm transformer encoder (batch first) with a final LayerNorm.
+
+    Dropout acts on the two residual branches (after attention and after the
+    feed-forward block). Neither the attention weights nor the inner
+    feed-forward activations are dropped: attention dropout disables the fused
+    attention kernel (on CPUs the unfused path costs more than the rest of the
+    layer), and the inner activations are the widest tensor of the layer, so
+    their mask would be the most expensive one to draw.
+
+    Parameters
+    ----------
+    hidden_dim
+        Model width.
+    n_layers
+        Number of layers.
+    n_heads
+        Attention heads; must divide ``hidden_dim``.
+    dropout
+        Dropout probability.
+
+    Returns
+    -------
+    torch.nn.TransformerEncoder
+        The encoder.
+    """
+    layer = nn.TransformerEncoderLayer(
+        d_model=hidden_dim,
+        nhead=n_heads,
+        dim_feedforward=4 * hidden_dim,
+        dropout=dropout,
+        activation="gelu",
+        batch_first=True,
+        norm_first=True,
+    )
+    layer.self_attn.dropout = 0.0
+    layer.dropout = nn.Identity()
+    layer.dropout1 = FastDropout(dropout)
+    layer.dropout2 = FastDropout(dropout)
+    return nn.TransformerEncoder(
+        layer,
+        num_layers=n_layers,
+        norm=nn.LayerNorm(hidden_dim),
+        enable_nested_tensor=False,
+    )
+
+
+class GeneModuleTokenizer(nn.Module):
+    """Turn an expression vector into ``n_modules`` tokens of size ``module_dim``.
+
+    Each token is a learned linear combination of all genes:
+    ``tokens[n, m, d] = sum_g x[n, g] * weight[g, d, m] + bias[m, d]``. The sum
+    runs as one matrix product against the weight viewed as
+    ``(n_genes, module_dim * n_modules)``.
+
+    Parameters
+    ----------
+    n_genes
+        Number of input genes.
+    n_modules
+        Number of tokens produced per cell.
+    module_dim
+        Size of each token.
+    """
+
+    def __init__(self, n_genes: int, n_modules: int, module_dim: int) -> None:
+        super().__init__()
+        self.n_genes = n_genes
+        self.n_modules = n_modules
+        self.module_dim = module_dim
+        self.weight = nn.Parameter(torch.empty(n_genes, module_dim, n_modules))
+        self.bias = nn.Parameter(torch.zeros(n_modules, module_dim))
+        nn.init.normal_(self.weight, std=1.0 / math.sqrt(n_genes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Tokenise expression.
+
+        Parameters
+        ----------
+        x
+            Normalised expression, shape ``(n, n_genes)``.
+
+        Returns
+        -------
+        Tensor
+            Tokens, shape ``(n, n_modules, module_dim)``.
+        """
+        flat = x @ self.weight.reshape(self.n_genes, self.module_dim * self.n_modules)
+        tokens = flat.view(-1, self.module_dim, self.n_modules).transpose(1, 2)
+        return tokens + self.bias
+
+    def extra_repr(self) -> str:
+        return f"n_genes={self.n_genes}, n_modules={self.n_modules}, module_dim={self.module_dim}"
+
+
+class VariationalReadout(nn.Module):
+    """Map the CLS representation to a latent mean and log-variance.
+
+    Parameters
+    ----------
+    in_dim
+        Size of the CLS representation.
+    latent_dim
+        Size of the latent space.
+    variational
+        When false the readout is deterministic: only a mean head exists and
+        the returned log-variance is ``None``.
+    dropout
+        Dropout after the shared hidden layer.
+    """
+
+    def __init__(
+        self, in_dim: int, latent_dim: int, *, variational: bool = True, dropout: float = 0.1
+    ) -> None:
+        super().__init__()
+        self.variational = variational
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, in_dim),
+            nn.GELU(),
+            FastDropout(dropout),
+            nn.LayerNorm(in_dim),
+        )
+        self.mu = nn.Linear(in_dim, latent_dim)
+        self.logvar = nn.Linear(in_dim, latent_dim) if variational else None
+
+    def forward(self, h: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Read out the posterior.
+
+        Parameters
+        ----------
+        h
+            Representations, shape ``(n, in_dim)``.
+
+        Returns
+        -------
+        tuple
+            ``(mu, logvar)``, each ``(n, latent_dim)``; ``logvar`` is ``None`` for
+            the deterministic variant.
+        """
+        shared = self.net(h)
+        mu = self.mu(shared)
+        if self.logvar is None:
+            return mu, None
+        return mu, self.logvar(shared).clamp(*_LOGVAR_RANGE)
+
+
+class CountDecoder(nn.Module):
+    """Decode a latent code into the parameters of a count likelihood.
+
+    The rate is ``library * softmax(logits)``, kept in log space as
+    ``log(library) + log_softmax(logits)``.
+
+    Parameters
+    ----------
+    in_dim
+        Size of the decoder input (latent size plus any covariate size).
+    n_genes
+        Number of genes.
+    hidden_dim
+        Width of the hidden layer.
+    likelihood
+        ``"zinb"``, ``"nb"`` or ``"poisson"``.
+    dispersion
+        ``"gene"`` (one inverse dispersion per gene) or ``"gene-batch"`` (one
+        per gene and batch). Stored in log space as ``log_theta``.
+    n_batches
+        Number of batches (rows of ``log_theta`` for ``"gene-batch"``).
+    dropout
+        Dropout after the hidden layer.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        n_genes: int,
+        *,
+        hidden_dim: int = 128,
+        likelihood: str = "zinb",
+        dispersion: str = "gene",
+        n_batches: int = 1,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if likelihood not in LIKELIHOODS:
+            msg = f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}"
+            raise ValueError(msg)
+        if dispersion not in DISPERSIONS:
+            msg = f"dispersion must be one of {DISPERSIONS}, got {dispersion!r}"
+            raise ValueError(msg)
+        self.likelihood = likelihood
+        self.dispersion = dispersion
+        self.n_batches = n_batches
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim),
+            nn.LayerNorm(hidden_dim),
+            nn.GELU(),
+            FastDropout(dropout),
+        )
+        self.scale = nn.Linear(hidden_dim, n_genes)
+        self.zi_logits = nn.Linear(hidden_dim, n_genes) if likelihood == "zinb" else None
+        if likelihood == "poisson":
+            self.log_theta = None
+        else:
+            shape = (n_batches, n_genes) if dispersion == "gene-batch" else (n_genes,)
+            self.log_theta = nn.Parameter(torch.zeros(shape))
+
+    def dispersion_log(self, batch: Tensor | None = None) -> Tensor | None:
+        """Log inverse dispersion, broadcastable against ``(n, n_genes)``.
+
+        Parameters
+        ----------
+        batch
+            Batch codes ``(n,)``; used only for ``"gene-batch"`` dispersion
+            (``None`` selects the first batch).
+
+        Returns
+        -------
+        Tensor or None
+            ``(n_genes,)`` or ``(n, n_genes)``; ``None`` for Poisson.
+        """
+        if self.log_theta is None:
+            return None
+        log_theta = self.log_theta
+        if self.dispersion == "gene-batch":
+            log_theta = log_theta[0] if batch is None else log_theta[batch]
+        return log_theta.clamp(*_LOG_THETA_RANGE)
+
+    def forward(self, z: Tensor, library: Tensor, batch: Tensor | None = None) -> dict[str, Tensor]:
+        """Compute likelihood parameters.
+
+        Parameters
+        ----------
+        z
+            Decoder input, shape ``(n, in_dim)``.
+        library
+            Library sizes, shape ``(n,)`` or ``(n, 1)``; clamped to at least 1.
+        batch
+            Batch codes ``(n,)`` for per-batch dispersion.
+
+        Returns
+        -------
+        dict
+            ``log_mu`` ``(n, n_genes)``; ``log_theta`` (NB/ZINB); ``pi_logits``
+            ``(n, n_genes)`` (ZINB). All float32.
+        """
+        hidden = self.net(z)
+        log_lib = torch.log(library.reshape(-1, 1).float().clamp_min(1.0))
+        log_mu = log_lib + F.log_softmax(self.scale(hidden).float(), dim=-1)
+        params = {"log_mu": log_mu}
+        log_theta = self.dispersion_log(batch)
+        if log_theta is not None:
+            params["log_theta"] = log_theta.float()
+        if self.zi_logits is not None:
+            params["pi_logits"] = self.zi_logits(hidden).float()
+        return params
+
+    def log_prob(self, x: Tensor, params: dict[str, Tensor]) -> Tensor:
+        """Elementwise log-likelihood of counts under ``params``.
+
+        Parameters
+        ----------
+        x
+            Raw counts, shape ``(n, n_genes)``.
+        params
+            Output of :meth:`forward`.
+
+        Returns
+        -------
+        Tensor
+            ``log p(x)``, shape ``(n, n_genes)``.
+        """
+        x = x.float()
+        if self.likelihood == "poisson":
+            return log_poisson_from_logs(x, params["log_mu"])
+        if self.likelihood == "nb":
+            return log_nb_from_logs(x, params["log_mu"], params["log_theta"])
+        return log_zinb_from_logs(x, params["log_mu"], params["log_theta"], params["pi_logits"])
+
+
+class GCNSmoother(nn.Module):
+    """Graph smoother on cell representations, with a contrastive projector.
+
+    ``n_layers`` GCN convolutions (symmetric normalisation, no added self-loops:
+    the graphs built by :mod:`step.graph` already carry one self-loop per node)
+    with LayerNorm, GELU and dropout between them.
+
+    By default the output is the convolution stack alone, so every output row
+    is built from its neighbourhood: the smoothing is imposed by the
+    architecture, which is what makes spatial domains emerge (the
+    reconstruction and contrastive terms alone would both prefer a node's own
+    representation). With ``residual`` the stack is added to its input and its
+    last convolution starts at zero: the untrained smoother is the identity
+    and smooths only as far as training pushes it.
+
+    Parameters
+    ----------
+    dim
+        Size of the representation (input and output).
+    hidden
+        Width of the inner layers (defaults to ``dim``).
+    n_layers
+        Number of GCN layers, at least 1.
+    dropout
+        Dropout between layers.
+    residual
+        Add the input to the output of the stack.
+    proj_dim
+        Output size of the projector used by the contrastive loss (defaults
+        to ``dim``).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        hidden: int | None = None,
+        n_layers: int = 2,
+        dropout: float = 0.1,
+        residual: bool = False,
+        proj_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        if n_layers < 1:
+            msg = f"the smoother needs at least one layer, got n_layers={n_layers}"
+            raise ValueError(msg)
+        hidden = dim if hidden is None else hidden
+        proj_dim = dim if proj_dim is None else proj_dim
+        sizes = [dim] + [hidden] * (n_layers - 1) + [dim]
+        self.convs = nn.ModuleList(
+            GCNConv(a, b, add_self_loops=False, normalize=True)
+            for a, b in zip(sizes[:-1], sizes[1:], strict=True)
+        )
+        self.norms = nn.ModuleList(nn.LayerNorm(b) for b in sizes[1:-1])
+        self.act = nn.GELU()
+        self.dropout = FastDropout(dropout)
+        self.residual = residual
+        if residual:
+            last = self.convs[-1]
+            nn.init.zeros_(last.lin.weight)
+            if last.bias is not None:
+                nn.init.zeros_(last.bias)
+        self.projector = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, proj_dim))
+
+    def forward(self, h: Tensor, edge_index: Tensor) -> Tensor:
+        """Smooth representations over a graph.
+
+        Parameters
+        ----------
+        h
+            Node representations, shape ``(n, dim)``.
+        edge_index
+            Edges in local node ids, shape ``(2, E)``.
+
+        Returns
+        -------
+        Tensor
+            Smoothed representations, shape ``(n, dim)``.
+        """
+        out = h
+        for i, conv in enumerate(self.convs):
+            out = conv(out, edge_index)
+            if i < len(self.norms):
+                out = self.dropout(self.act(self.norms[i](out)))
+        return h + out if self.residual else out
+
+    def project(self, h: Tensor) -> Tensor:
+        """Projection head for the contrastive loss, shape ``(n, proj_dim)``."""
+        return self.projector(h)
+
+
+class AnchorClassifier(nn.Module):
+    """Nearest-anchor classifier in a learned linear view of the latent space.
+
+    Points are mapped by ``proj`` (initialised to the identity) and scored by
+    ``-||proj(mu) - anchor_k||^2 / temperature``. The anchored representation
+    moves each projected point toward its soft-assigned anchor:
+    ``(1 - mix) * proj(mu) + mix * softmax(logits) @ anchors``.
+
+    Parameters
+    ----------
+    latent_dim
+        Size of the latent space.
+    temperature
+        Divides the negative squared distances.
+    mix
+        Weight of the expected anchor in the anchored representation, in
+        ``[0, 1]``.
+    """
+
+    def __init__(self, latent_dim: int, *, temperature: float = 1.0, mix: float = 0.5) -> None:
+        super().__init__()
+        self.temperature = float(temperature)
+        self.mix = float(mix)
+        self.proj = nn.Linear(latent_dim, latent_dim)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.eye(latent_dim))
+            self.proj.bias.zero_()
+
+    def forward(self, mu: Tensor, anchors: Tensor) -> Tensor:
+        """Class logits, shape ``(n, n_classes)``."""
+        return anchor_logits(self.proj(mu), anchors, temperature=self.temperature)
+
+    def anchored(self, mu: Tensor, anchors: Tensor) -> Tensor:
+        """Anchored representation, shape ``(n, latent_dim)``."""
+        q = self.proj(mu)
+        weights = torch.softmax(anchor_logits(q, anchors, temperature=self.temperature), -1)
+        return (1.0 - self.mix) * q + self.mix * weights @ anchors
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, mix={self.mix}"

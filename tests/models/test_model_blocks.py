@@ -1,0 +1,155 @@
+"""Building blocks: tokenizer, readout, decoder, smoother, anchor classifier."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from step.models._blocks import (
+    AnchorClassifier,
+    CountDecoder,
+    FastDropout,
+    GCNSmoother,
+    GeneModuleTokenizer,
+    VariationalReadout,
+    transformer_encoder,
+)
+from step.models._likelihoods import log_nb, log_poisson, log_zinb
+
+
+def test_tokenizer_is_an_einsum_over_genes() -> None:
+    torch.manual_seed(0)
+    tok = GeneModuleTokenizer(n_genes=40, n_modules=5, module_dim=3)
+    with torch.no_grad():
+        tok.bias.normal_()
+    x = torch.rand(7, 40)
+    tokens = tok(x)
+    assert tokens.shape == (7, 5, 3)
+    assert tok.weight.shape == (40, 3, 5)
+    ref = torch.einsum("ng,gdm->nmd", x, tok.weight) + tok.bias
+    torch.testing.assert_close(tokens, ref)
+
+
+def test_readout_variational_and_deterministic() -> None:
+    h = torch.randn(6, 16)
+    mu, logvar = VariationalReadout(16, 4)(h)
+    assert mu.shape == logvar.shape == (6, 4)
+    det = VariationalReadout(16, 4, variational=False)
+    mu, logvar = det(h)
+    assert mu.shape == (6, 4) and logvar is None
+    assert det.logvar is None
+
+
+@pytest.mark.parametrize("likelihood", ["zinb", "nb", "poisson"])
+def test_decoder_rate_is_library_times_softmax(likelihood: str) -> None:
+    torch.manual_seed(0)
+    dec = CountDecoder(8, 30, hidden_dim=16, likelihood=likelihood)
+    library = torch.tensor([1.0, 250.0, 4000.0])
+    params = dec(torch.randn(3, 8), library)
+    torch.testing.assert_close(params["log_mu"].exp().sum(-1), library)
+    assert ("log_theta" in params) == (likelihood != "poisson")
+    assert ("pi_logits" in params) == (likelihood == "zinb")
+    x = torch.poisson(params["log_mu"].exp().detach())
+    mu, lp = params["log_mu"].exp(), dec.log_prob(x, params)
+    if likelihood == "poisson":
+        ref = log_poisson(x, mu)
+    elif likelihood == "nb":
+        ref = log_nb(x, mu, params["log_theta"].exp())
+    else:
+        ref = log_zinb(x, mu, params["log_theta"].exp(), params["pi_logits"])
+    torch.testing.assert_close(lp, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_decoder_library_is_clamped_to_one() -> None:
+    dec = CountDecoder(4, 10, hidden_dim=8)
+    params = dec(torch.randn(2, 4), torch.tensor([0.0, 1.0]))
+    assert torch.isfinite(params["log_mu"]).all()
+    torch.testing.assert_close(params["log_mu"].exp().sum(-1), torch.ones(2))
+
+
+def test_decoder_dispersion_per_gene_and_batch() -> None:
+    dec = CountDecoder(4, 12, hidden_dim=8, dispersion="gene-batch", n_batches=3)
+    assert dec.log_theta.shape == (3, 12)
+    with torch.no_grad():
+        dec.log_theta.copy_(torch.arange(3.0).unsqueeze(1).expand(3, 12))
+    params = dec(torch.randn(4, 4), torch.full((4,), 100.0), torch.tensor([2, 0, 1, 2]))
+    assert params["log_theta"].shape == (4, 12)
+    torch.testing.assert_close(params["log_theta"][:, 0], torch.tensor([2.0, 0.0, 1.0, 2.0]))
+    assert CountDecoder(4, 12, hidden_dim=8).log_theta.shape == (12,)
+    assert CountDecoder(4, 12, hidden_dim=8, likelihood="poisson").log_theta is None
+
+
+def test_decoder_rejects_unknown_options() -> None:
+    with pytest.raises(ValueError, match="likelihood"):
+        CountDecoder(4, 12, likelihood="gaussian")
+    with pytest.raises(ValueError, match="dispersion"):
+        CountDecoder(4, 12, dispersion="cell")
+
+
+def _ring(n: int) -> torch.Tensor:
+    """Symmetric ring graph with exactly one self-loop per node."""
+    i = torch.arange(n)
+    src = torch.cat([i, i, i])
+    dst = torch.cat([i, (i + 1) % n, (i - 1) % n])
+    return torch.stack([src, dst])
+
+
+def test_smoother_starts_as_identity_with_residual() -> None:
+    torch.manual_seed(0)
+    sm = GCNSmoother(8, n_layers=2, residual=True).eval()
+    h = torch.randn(10, 8)
+    torch.testing.assert_close(sm(h, _ring(10)), h)
+    assert sm.project(h).shape == (10, 8)
+
+
+def test_smoother_uses_the_graph_self_loops_without_adding_more() -> None:
+    torch.manual_seed(0)
+    sm = GCNSmoother(4, n_layers=1, dropout=0.0).eval()
+    conv = sm.convs[0]
+    h = torch.randn(6, 4)
+    # Every node of the ring has degree 3 (two neighbours and one self-loop),
+    # so the symmetric normalisation averages the three rows.
+    ei = _ring(6)
+    agg = torch.zeros(6, 4).index_add_(0, ei[1], h[ei[0]]) / 3.0
+    ref = agg @ conv.lin.weight.T + conv.bias
+    torch.testing.assert_close(sm(h, ei), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_smoother_rejects_zero_layers() -> None:
+    with pytest.raises(ValueError, match="n_layers"):
+        GCNSmoother(4, n_layers=0)
+
+
+def test_anchor_classifier_logits_and_anchored_representation() -> None:
+    torch.manual_seed(0)
+    clf = AnchorClassifier(3, temperature=2.0, mix=0.25)
+    mu = torch.randn(5, 3)
+    anchors = torch.randn(4, 3)
+    logits = clf(mu, anchors)
+    ref = -torch.cdist(mu, anchors).square() / 2.0
+    torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+    expected = 0.75 * mu + 0.25 * torch.softmax(ref, -1) @ anchors
+    torch.testing.assert_close(clf.anchored(mu, anchors), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_fast_dropout_matches_dropout_semantics() -> None:
+    torch.manual_seed(0)
+    drop = FastDropout(0.25)
+    x = torch.ones(200_000)
+    out = drop(x)
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.01
+    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 1 / 0.75))
+    drop.eval()
+    assert drop(x) is x
+    with pytest.raises(ValueError, match="dropout"):
+        FastDropout(1.0)
+
+
+def test_transformer_encoder_is_batch_first_pre_norm() -> None:
+    enc = transformer_encoder(16, n_layers=2, n_heads=4, dropout=0.1)
+    assert isinstance(enc, torch.nn.TransformerEncoder)
+    assert len(enc.layers) == 2
+    layer = enc.layers[0]
+    assert layer.norm_first and layer.self_attn.batch_first
+    assert enc(torch.randn(3, 9, 16)).shape == (3, 9, 16)
