@@ -628,10 +628,11 @@ class TranscriptFormer(nn.Module):
 
         Deterministic in eval mode (dropout is active in training mode).
         ``library`` is optional here (defaults to the row sums of ``x``).
+        Returned in float32, also under autocast.
         """
         x, library, _ = self._unpack(inputs, need_library=False)
         mu, _ = self.represent(self._backbone(x, library))
-        return mu
+        return mu.float()
 
     def anchored(self, inputs: Mapping[str, Tensor]) -> Tensor:
         """Anchored representation ``(n, latent_dim)`` for refined embeddings.
@@ -644,7 +645,7 @@ class TranscriptFormer(nn.Module):
         if self.anchors is None or self.classifier is None:
             msg = "the model has no anchors; call init_anchors(n_classes) first"
             raise RuntimeError(msg)
-        return self.classifier.anchored(self.embed(inputs).float(), self.anchors)
+        return self.classifier.anchored(self.embed(inputs), self.anchors).float()
 
     # ------------------------------------------------------------------ graphs
     def _require_smoother(self) -> GCNSmoother:
@@ -772,11 +773,11 @@ class TranscriptFormer(nn.Module):
         Returns
         -------
         Tensor
-            ``mu`` of shape ``(n, latent_dim)``.
+            ``mu`` of shape ``(n, latent_dim)``, float32.
         """
         x, library, _ = self._unpack(inputs, need_library=False)
         h = self._backbone(x, library)
         if smoothed:
             h = self._require_smoother()(h, self._check_edges(edge_index))
         mu, _ = self.represent(h)
-        return mu
+        return mu.float()

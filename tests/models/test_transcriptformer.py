@@ -344,3 +344,17 @@ def test_config_follows_mutable_loss_settings() -> None:
     config = model.config
     assert config["kl_weight"] == 0.25 and config["free_bits"] == 0.1
     assert TranscriptFormer(**config).kl_weight == 0.25
+
+
+def test_bf16_autocast_gives_float32_losses_and_embeddings() -> None:
+    model = _model(n_batches=2)
+    model.init_anchors(3)
+    inputs = {**_inputs(n_batches=2), "label": torch.arange(12) % 3}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model.loss(inputs)
+        embedded = model.embed(inputs)
+        anchored = model.anchored(inputs)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    assert embedded.dtype == anchored.dtype == torch.float32
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
