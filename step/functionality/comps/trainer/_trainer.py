@@ -106,6 +106,9 @@ class Trainer:
     distributed
         ``"auto"`` joins the process group that ``torchrun`` describes (gloo on CPU, NCCL
         on GPU) and trains with DistributedDataParallel; ``False`` never does.
+    metadata
+        Plain values stored in every checkpoint and checked on load (e.g. ``{"genes":
+        [...]}``): a checkpoint whose stored value differs is refused.
     verbose
         Show the live display (only on a terminal) and print stop messages.
     trace_func
@@ -135,6 +138,7 @@ class Trainer:
         callbacks: Iterable[Any] = (),
         writer: Any = None,
         distributed: bool | str = "auto",
+        metadata: Mapping[str, Any] | None = None,
         verbose: bool = True,
         trace_func: Callable[[str], Any] = print,
     ) -> None:
@@ -152,6 +156,8 @@ class Trainer:
                 self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
                 torch.cuda.set_device(self.device)
         self._ddp_model: nn.Module | None = None
+        self.metadata = dict(metadata or {})
+        self._terms_checked = False
         self.model = model.to(self.device)
         self.loss_weights = dict(loss_weights or {})
         self.stop_config: dict[str, tuple[int, float] | None] = {}
@@ -512,6 +518,8 @@ class Trainer:
             msg = "call init_optimizer() before training."
             raise RuntimeError(msg)
         total = self._total(loss_dict)
+        if not self._terms_checked:
+            self._check_terms(loss_dict)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(total).backward()
@@ -549,6 +557,20 @@ class Trainer:
                 self._handle_bad_streak(loss_dict)
         self.global_step += 1
         return total.detach()
+
+    def _check_terms(self, loss_dict: Mapping[str, Any]) -> None:
+        """Before the first weight update: every configured term must exist."""
+        terms = {k for k, v in loss_dict.items() if torch.is_tensor(v)} | {TOTAL_KEY}
+        if self.use_early_stopping:
+            self.stop_rule.validate(terms)
+        for what, names in (("early_stopping", self.stop_config), ("loss_weights",
+                                                                    self.loss_weights)):
+            unknown = sorted(set(names) - terms)
+            if unknown:
+                msg = (f"{what} names {unknown}, which the model does not return; its terms "
+                       f"are {sorted(terms)}.")
+                raise KeyError(msg)
+        self._terms_checked = True
 
     def _snapshot_good_state(self) -> None:
         if self.on_nonfinite != "rollback" or self.optimizer is None:
@@ -710,6 +732,7 @@ class Trainer:
         if self.lr_scheduler is None:
             self.lr_scheduler = self._build_scheduler(epochs)
         self._loop_name = name
+        self._terms_checked = False
         self._loop_epoch = start
         self._stop_request = None
         self.stop_reason = None
@@ -993,6 +1016,7 @@ class Trainer:
         columns = sorted({k for r in rows for k in r})
         return {
             "version": step.__version__,
+            "metadata": dict(self.metadata),
             "model": self.model.state_dict(),
             "model_config": dict(getattr(self.model, "config", {}) or {}),
             "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
@@ -1031,6 +1055,7 @@ class Trainer:
         """
         ddp.barrier()  # rank 0 may still be writing
         state = ckpt.read_checkpoint(path, map_location=self.device)
+        self._check_compatible(state, path)
         own = dict(getattr(self.model, "config", {}) or {})
         saved = state.get("model_config") or {}
         if own and saved and own != saved:
@@ -1038,6 +1063,26 @@ class Trainer:
             msg = f"checkpoint {os.fspath(path)!r} is for a model with other settings: {diff}."
             raise ValueError(msg)
         self.load_state_dict(state, restore_rng=restore_rng)
+
+    def _check_compatible(self, state: Mapping[str, Any], path: Any) -> None:
+        import step
+
+        saved = str(state.get("version", "?"))
+        if saved.split(".")[:2] != step.__version__.split(".")[:2]:
+            msg = (f"checkpoint {os.fspath(path)!r} was written by step {saved}; this is step "
+                   f"{step.__version__}, whose checkpoints differ. Load it with that version.")
+            raise ValueError(msg)
+        stored = state.get("metadata") or {}
+        for key in sorted(set(stored) & set(self.metadata)):
+            if stored[key] != self.metadata[key]:
+                detail = ""
+                if isinstance(stored[key], list) and isinstance(self.metadata[key], list):
+                    missing = sorted(set(stored[key]) - set(self.metadata[key]))[:5]
+                    extra = sorted(set(self.metadata[key]) - set(stored[key]))[:5]
+                    detail = f" (in the checkpoint only: {missing}; here only: {extra})"
+                msg = (f"checkpoint {os.fspath(path)!r} does not fit: its {key!r} differs from "
+                       f"this trainer's{detail}.")
+                raise ValueError(msg)
 
     def load_state_dict(self, state: Mapping[str, Any], *, restore_rng: bool = True) -> None:
         """Restore what :meth:`state_dict` returned."""
