@@ -278,3 +278,43 @@ def test_predict_returns_the_mean_embedding_in_eval_mode():
     t.model.eval()
     np.testing.assert_allclose(emb, t.model.encode({"x": x})[0].detach().numpy(), rtol=1e-6)
     assert t.model.training is False
+
+
+def test_device_cache_gives_the_same_batches(pbmc_counts):
+    from step.functionality.comps.trainer._device_cache import DeviceCachedLoader
+    from step.utils.dataset import ScDataset
+
+    ds = ScDataset(pbmc_counts[:200].copy())
+    train, _ = Trainer.make_loaders(ds, 32, seed=0)
+    cached = DeviceCachedLoader(train, torch.device("cpu"))
+    t = Trainer(ToyVAE(n_genes=ds.n_genes), verbose=False)
+    for epoch in range(2):
+        t._set_loader_epoch(train, epoch)
+        plain = list(train)
+        t._set_loader_epoch(cached, epoch)
+        for a, b in zip(plain, cached, strict=True):
+            assert torch.equal(a["x"], b["x"]) and torch.equal(a["index"], b["index"])
+    with pytest.raises(ValueError, match="MiB"):
+        DeviceCachedLoader(train, torch.device("cpu"), max_bytes=1000)
+    t = Trainer(ToyVAE(n_genes=ds.n_genes), seed=0, verbose=False, cache_on_device=True)
+    t.init_optimizer(lr=1e-2)
+    t.train_batch(4, Trainer.make_loaders(ds, 32, seed=0))
+    assert t.history["val_recon_loss"].iloc[-1] < t.history["val_recon_loss"].iloc[0]
+
+
+def test_live_display_renders_every_term():
+    from io import StringIO
+
+    from rich.console import Console
+
+    from step.functionality.comps.trainer._progress import LossDisplay
+
+    buf = StringIO()
+    display = LossDisplay("train_batch", 3, console=Console(file=buf, force_terminal=True, width=100))
+    with display:
+        display.start_steps(4)
+        display.advance_steps(4)
+        display.end_epoch({"recon_loss": 12.5, "kl_loss": 0.25}, {"val_recon_loss": 13.0}, {"recon_loss": 13.0})
+    text = buf.getvalue()
+    for token in ("train_batch", "recon_loss", "kl_loss", "12.5", "13", "0.25", "1/3"):
+        assert token in text, token

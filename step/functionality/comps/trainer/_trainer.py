@@ -95,6 +95,9 @@ class Trainer:
         the last finite epoch), halve every learning rate and go on, at most
         ``max_rollbacks`` times; ``"stop"`` (or rollbacks exhausted): end training with a
         message naming the term that went bad (best weights are restored as usual).
+    cache_on_device
+        Densify the datasets of ``train_batch`` loaders on the device once and gather
+        batches there (for datasets that fit in device memory).
     checkpoint_path, checkpoint_every
         Write a checkpoint every ``checkpoint_every`` epochs to ``checkpoint_path``.
     callbacks
@@ -133,6 +136,7 @@ class Trainer:
         max_bad_steps: int = 20,
         on_nonfinite: str = "rollback",
         max_rollbacks: int = 3,
+        cache_on_device: bool = False,
         checkpoint_path: str | os.PathLike | None = None,
         checkpoint_every: int | None = None,
         callbacks: Iterable[Any] = (),
@@ -179,6 +183,8 @@ class Trainer:
         self.max_rollbacks = int(max_rollbacks)
         self.n_rollbacks = 0
         self._good_state: dict[str, Any] | None = None
+        self.cache_on_device = cache_on_device
+        self._loader_cache: dict[int, Any] = {}
         self.checkpoint_path = checkpoint_path
         self.checkpoint_every = checkpoint_every
         self.callbacks = list(callbacks)
@@ -819,6 +825,7 @@ class Trainer:
             self._say(f"restored the weights of epoch {restored} "
                       f"(best {key} = {self._best['value']:.5g}).")
         self._full_cache.clear()
+        self._loader_cache.clear()
         self._ddp_model = None
 
     def _on_interrupt(self, reason: str) -> None:
@@ -860,6 +867,17 @@ class Trainer:
             if isinstance(gen, torch.Generator):
                 gen.manual_seed(self._epoch_seed(epoch))
                 return
+
+    def _cached(self, loader: Any) -> Any:
+        """The device-cached version of ``loader`` when caching is on."""
+        if not self.cache_on_device or loader is None:
+            return loader
+        from ._device_cache import DeviceCachedLoader
+
+        key = id(loader)
+        if key not in self._loader_cache:
+            self._loader_cache[key] = DeviceCachedLoader(loader, self.device)
+        return self._loader_cache[key]
 
     def _after_step(self, state: EpochState, loss_dict: Mapping[str, Any]) -> None:
         state.display.advance_steps()

@@ -31,6 +31,7 @@ def run_epoch(
     trainer: Trainer, state: EpochState, loaders: Any, call_func: Callable | None
 ) -> tuple[dict[str, float], dict[str, float] | None]:
     train_loader, valid_loader = unpack_loaders(loaders)
+    train_loader, valid_loader = trainer._cached(train_loader), trainer._cached(valid_loader)
     if call_func is None:
         trainer._require("loss", "train_batch")
     trainer._set_loader_epoch(train_loader, state.epoch)
