@@ -124,3 +124,15 @@ def test_kl_warmup_reaches_the_model():
     t.train_batch(3, ([{"x": toy_counts(4), "library": torch.ones(4)}], None))
     assert seen == [0.5, 1.0, 1.0]
     assert list(t.history["kl_weight"]) == [0.5, 1.0, 1.0]
+
+
+def test_weight_decay_uses_decoupled_adamw():
+    t = Trainer(ToyVAE(), verbose=False, weight_decay=0.1)
+    opt = t.init_optimizer(lr=1e-2)
+    assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["weight_decay"] == 0.1
+    p = t.model.decoder.weight
+    before = p.detach().clone()
+    p.grad = None
+    # a zero loss leaves only the decay: weights shrink by lr * decay
+    t.update_model_params({"recon_loss": 0.0 * sum(q.sum() for q in t.model.parameters())})
+    torch.testing.assert_close(p.detach(), before * (1 - 1e-2 * 0.1))

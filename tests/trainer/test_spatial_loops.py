@@ -98,6 +98,7 @@ def test_node_sampler_training_end_to_end(sections):
     assert trainer.global_step == 6 * len(sampler)
     assert len(trainer.step_history) == trainer.global_step // 5
     assert all("val_recon_loss" in r for r in trainer.step_history)
+    assert {"recon_loss", "contrast_loss", "total_loss"} <= set(trainer.early_stopping)
 
 
 def test_graph_loops_reject_bad_input(sections):
