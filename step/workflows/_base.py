@@ -1,0 +1,304 @@
+"""What the single-cell and spatial workflows share: data preparation, the model, the
+Trainer, batched inference, and saving to / loading from a run directory."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+
+from step._constants import MODES
+from step.functionality.comps.trainer import ConvergenceProbe, Trainer, seed_everything
+from step.models import TranscriptFormer
+from step.utils.dataset import BaseDataset, ScDataset, index_loader
+from step.utils.preprocess import prepare_counts
+from step.utils.validation import check_adata, check_obs_key, check_obsm_key
+from step.workflows import _io
+
+__all__ = ["CHECKPOINT_FILE", "Workflow"]
+
+#: Name of the checkpoint file written into ``checkpoint_dir``.
+CHECKPOINT_FILE = "checkpoint.pt"
+_DEFAULT_CHECKPOINT_EVERY = 5
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        msg = f"{name} must be a positive integer, got {value!r}."
+        raise ValueError(msg)
+    return int(value)
+
+
+def _check_key_added(key_added: Any) -> str:
+    if not isinstance(key_added, str) or not key_added:
+        msg = f"key_added must be a non-empty string, got {key_added!r}."
+        raise TypeError(msg)
+    return key_added
+
+
+class Workflow:
+    """Base of :class:`~step.workflows.scModel` and :class:`~step.workflows.stModel`.
+
+    Holds a reference to the caller's AnnData (results are written there, under the
+    documented keys only), a prepared copy of its counts, the dataset over that copy,
+    the model and, once trained, the :class:`~step.functionality.comps.trainer.Trainer`.
+    """
+
+    #: Name recorded in ``config.json`` and checked by :meth:`load`.
+    workflow_name = "Workflow"
+
+    def __init__(
+        self,
+        adata: ad.AnnData,
+        *,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        class_key: str | None = None,
+        n_top_genes: int | None = None,
+        hidden_dim: int = 64,
+        n_modules: int = 32,
+        module_dim: int = 30,
+        n_layers: int = 2,
+        likelihood: str = "zinb",
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        model_kw: Mapping[str, Any] | None = None,
+        _genes: Sequence[str] | None = None,
+        _categories: Mapping[str, Sequence[str] | None] | None = None,
+        _model_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        check_adata(adata)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            msg = f"seed must be an integer, got {seed!r}."
+            raise TypeError(msg)
+        for key, role in ((batch_key, "batch_key"), (class_key, "class_key")):
+            if key is not None and _categories is None:
+                check_obs_key(adata, key, role=role)
+        self.adata = adata
+        self.layer = layer
+        self.batch_key = batch_key
+        self.class_key = class_key
+        self.n_top_genes = n_top_genes
+        self.seed = int(seed)
+        self.device = torch.device(device)
+        self._categories = dict(_categories or {})
+        self._prepare(adata, genes=_genes)
+        self.genes: list[str] = [str(g) for g in self._prepared.var_names]
+
+        seed_everything(self.seed)
+        if _model_config is None:
+            config = dict(model_kw or {})
+            config.update(n_modules=n_modules, module_dim=module_dim, hidden_dim=hidden_dim,
+                          n_layers=n_layers, likelihood=likelihood,
+                          n_batches=self.dataset.n_batches)
+            self.model = TranscriptFormer(len(self.genes), **config)
+        else:
+            self.model = TranscriptFormer.from_config(_model_config)
+        self.model.to(self.device)
+        self.trainer: Trainer | None = None
+        self._history = pd.DataFrame()
+
+    # ----------------------------------------------------------------- data
+    def _prepare(self, adata: ad.AnnData, *, genes: Sequence[str] | None) -> None:
+        """Prepare the counts on a copy and build :attr:`dataset` over it."""
+        if genes is not None:
+            _io.check_genes(adata.var_names, genes)
+        self._prepared = prepare_counts(
+            adata, layer=self.layer, n_top_genes=None if genes is not None else self.n_top_genes,
+            batch_key=self.batch_key if genes is None else None, genes=genes)
+        self._align_categories(self._prepared)
+        self.dataset = self._make_dataset(self._prepared)
+        if self._categories.get("batch") is None:
+            self._categories["batch"] = self.dataset.batch_categories
+        if self._categories.get("class") is None:
+            self._categories["class"] = self.dataset.class_categories
+
+    def _align_categories(self, prepared: ad.AnnData, *, with_class: bool = True) -> None:
+        """Give the batch/class columns of the (private) copy the saved category order."""
+        roles = [("batch", self.batch_key)] + ([("class", self.class_key)] if with_class else [])
+        for role, key in roles:
+            known = self._categories.get(role)
+            if key is None or known is None:
+                continue
+            if key not in prepared.obs.columns:
+                # embedding needs neither: the encoder does not read batches (batch 0 is
+                # used) and labels only enter the refinement loss
+                continue
+            values = prepared.obs[key].astype(str)
+            unknown = sorted(set(values) - set(known))
+            if unknown:
+                msg = (f"{role}es {unknown[:10]} in obs[{key!r}] are unknown to the model, which "
+                       f"was trained on {list(known)}.")
+                raise ValueError(msg)
+            prepared.obs[key] = pd.Categorical(values, categories=list(known))
+
+    def _make_dataset(self, prepared: ad.AnnData, *, with_class: bool = True) -> BaseDataset:
+        batch_key = self.batch_key if self.batch_key in prepared.obs.columns else None
+        class_key = self.class_key if with_class and self.class_key in prepared.obs.columns \
+            else None
+        return ScDataset(prepared, batch_key=batch_key, class_key=class_key, mode=MODES.BATCH)
+
+    def _prepare_other(self, adata: ad.AnnData) -> ad.AnnData:
+        """A private copy of other data with the model's genes, in the model's order."""
+        check_adata(adata)
+        _io.check_genes(adata.var_names, self.genes)
+        prepared = prepare_counts(adata, layer=self.layer, genes=self.genes)
+        # labels of other data are never trained on, so only batches are aligned
+        self._align_categories(prepared, with_class=False)
+        return prepared
+
+    def _dataset_for(self, adata: ad.AnnData | None) -> BaseDataset:
+        """The training dataset, or a dataset over another AnnData with the model's genes."""
+        if adata is None or adata is self.adata:
+            return self.dataset
+        return self._make_dataset(self._prepare_other(adata), with_class=False)
+
+    # -------------------------------------------------------------- training
+    def _make_trainer(
+        self,
+        *,
+        checkpoint_dir: str | os.PathLike | None,
+        probe: Mapping[str, Any] | None,
+        verbose: bool,
+        trainer_kw: Mapping[str, Any],
+    ) -> Trainer:
+        kw = dict(trainer_kw)
+        callbacks = list(kw.pop("callbacks", ()))
+        if probe is not None:
+            if not isinstance(probe, Mapping):
+                msg = f"probe must be None or a dict of ConvergenceProbe options, got {probe!r}."
+                raise TypeError(msg)
+            callbacks.append(ConvergenceProbe(self.dataset, **{"seed": self.seed, **probe}))
+        if checkpoint_dir is not None:
+            kw.setdefault("checkpoint_path", Path(checkpoint_dir) / CHECKPOINT_FILE)
+            kw.setdefault("checkpoint_every", _DEFAULT_CHECKPOINT_EVERY)
+        kw.setdefault("distributed", False)
+        self.trainer = Trainer(self.model, device=self.device, seed=self.seed,
+                               callbacks=callbacks, verbose=verbose, **kw)
+        return self.trainer
+
+    def _require_trainer(self, what: str) -> Trainer:
+        if self.trainer is None:
+            msg = f"{what} needs a trained model; call run() first."
+            raise RuntimeError(msg)
+        return self.trainer
+
+    @property
+    def history(self) -> pd.DataFrame:
+        """Training history: one row per epoch (loss terms, ``val_`` terms, learning rate
+        per parameter group, stage, loop, seconds). Empty before training."""
+        if self.trainer is not None and len(self.trainer.history):
+            return self.trainer.history
+        return self._history.copy()
+
+    # ------------------------------------------------------------- inference
+    def _infer(self, dataset: BaseDataset, *, method: str = "embed",
+               batch_size: int = 1024) -> np.ndarray:
+        """Apply ``model.<method>`` to every item in eval mode, in dataset order."""
+        batch_size = _check_positive_int("batch_size", batch_size)
+        fn = getattr(self.model, method)
+        loader = index_loader(dataset, batch_size, shuffle=False)
+        was_training = self.model.training
+        self.model.eval()
+        outs = []
+        try:
+            with torch.no_grad():
+                for inputs in loader:
+                    inputs = {k: v.to(self.device) for k, v in inputs.items()}
+                    outs.append(fn(inputs).float().cpu())
+        finally:
+            self.model.train(was_training)
+        return torch.cat(outs).numpy()
+
+    def _write_obsm(self, key: str, values: np.ndarray) -> None:
+        self.adata.obsm[_check_key_added(key)] = np.asarray(values, dtype=np.float32)
+
+    def _require_obsm(self, key: str) -> np.ndarray:
+        check_obsm_key(self.adata, key, role="use_rep")
+        return np.asarray(self.adata.obsm[key])
+
+    # ------------------------------------------------------------ save/load
+    def _settings(self) -> dict[str, Any]:
+        return {"layer": self.layer, "batch_key": self.batch_key, "class_key": self.class_key,
+                "n_top_genes": self.n_top_genes, "seed": self.seed}
+
+    def save(self, dir: str | os.PathLike) -> Path:
+        """Save the model, its settings and its training history into a folder.
+
+        Files are written atomically (temporary file, then rename): ``model.pt`` (the
+        model's ``state_dict``; tensors only, read back with ``weights_only=True``),
+        ``config.json`` (model configuration, genes, workflow settings, batch/class
+        categories, package version) and ``history.csv``. Nothing is written into the
+        AnnData.
+
+        Parameters
+        ----------
+        dir
+            Folder to write into (created when missing).
+
+        Returns
+        -------
+        The folder.
+        """
+        import step
+
+        folder = Path(dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {
+            "format": _io.FORMAT_VERSION,
+            "workflow": self.workflow_name,
+            "step_version": step.__version__,
+            "torch_version": torch.__version__,
+            "model": self.model.config,
+            "genes": self.genes,
+            "settings": self._settings(),
+            "categories": {"batch": self._categories.get("batch"),
+                           "class": self._categories.get("class")},
+        }
+        _io.write_state_dict(self.model.state_dict(), folder / _io.MODEL_FILE)
+        _io.write_config(config, folder / _io.CONFIG_FILE)
+        _io.write_history(self.history, folder / _io.HISTORY_FILE)
+        return folder
+
+    @classmethod
+    def _read_saved(cls, dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any],
+                                                          pd.DataFrame]:
+        folder = Path(dir)
+        if not folder.is_dir():
+            msg = f"{os.fspath(folder)!r} is not a folder written by save()."
+            raise FileNotFoundError(msg)
+        config = _io.read_config(folder / _io.CONFIG_FILE, workflow=cls.workflow_name)
+        state = _io.read_state_dict(folder / _io.MODEL_FILE)
+        history_path = folder / _io.HISTORY_FILE
+        history = pd.read_csv(history_path) if history_path.is_file() and (
+            history_path.stat().st_size > 1) else pd.DataFrame()
+        return config, state, history
+
+    @staticmethod
+    def _restore_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
+        """Arguments of :meth:`Workflow.__init__` that rebuild a saved workflow."""
+        settings = config["settings"]
+        return {"layer": settings["layer"], "batch_key": settings["batch_key"],
+                "class_key": settings["class_key"], "n_top_genes": settings["n_top_genes"],
+                "seed": settings["seed"], "_genes": config["genes"],
+                "_categories": config["categories"], "_model_config": config["model"]}
+
+    def _load_weights(self, state: Mapping[str, torch.Tensor], history: pd.DataFrame) -> None:
+        try:
+            self.model.load_state_dict(state)
+        except RuntimeError as err:
+            msg = f"the saved weights do not fit the saved model configuration: {err}"
+            raise ValueError(msg) from err
+        self.model.to(self.device)
+        self._history = history
+
+    def __repr__(self) -> str:
+        trained = "untrained" if self.trainer is None and self._history.empty else "trained"
+        return (f"{type(self).__name__}(n_obs={len(self.dataset)}, n_genes={len(self.genes)}, "
+                f"n_batches={self.dataset.n_batches}, {trained})")
