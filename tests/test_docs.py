@@ -148,3 +148,19 @@ def test_trainer_defaults_quoted_in_the_guide_match_the_code():
     sched = inspect.signature(Trainer.set_lr_scheduler).parameters
     assert sched["kind"].default == "multistep" and sched["gamma"].default == 0.5
     assert "``gamma=0.5``" in text
+
+
+def test_command_line_page_lists_every_option():
+    if not (ROOT / "step" / "cli.py").is_file():
+        pytest.skip("no command line in this checkout")
+    from step.cli import build_parser
+
+    text = (DOCS / "cli.rst").read_text()
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.choices and isinstance(a.choices, dict))
+    for name, sub in subparsers.choices.items():
+        assert f"step {name}" in text, name
+        for action in sub._actions:
+            for option in action.option_strings:
+                if option.startswith("--") and option != "--help":
+                    assert f"``{option}" in text, f"step {name} {option}"

@@ -14,7 +14,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TUTORIALS = ROOT / "tutorials"
-EXPECTED = ("04_resume_a_run.py",)
+EXPECTED = (
+    "01_single_cell_embedding.py",
+    "02_integration_and_refinement.py",
+    "03_spatial_domains.py",
+    "04_resume_a_run.py",
+)
 SCRIPTS = sorted(p for p in TUTORIALS.glob("[0-9][0-9]_*.py"))
 
 
@@ -78,6 +83,41 @@ def _check_resume(out: Path, proc: subprocess.CompletedProcess) -> None:
     assert (out / "run.pt").is_file()
 
 
+def _check_embedding(out: Path, proc: subprocess.CompletedProcess) -> None:
+    import anndata as ad
+
+    adata = ad.read_h5ad(out / "pbmc_embedded.h5ad")
+    assert adata.obsm["X_rep"].shape[0] == adata.n_obs == 700
+    assert "leiden" in adata.obs
+    assert {p.name for p in (out / "model").iterdir()} >= {"model.pt", "config.json",
+                                                             "history.csv"}
+    assert (out / "history.png").is_file() and (out / "embedding.png").is_file()
+    assert "the loaded model reproduces the embedding: True" in proc.stdout
+
+
+def _check_integration(out: Path, proc: subprocess.CompletedProcess) -> None:
+    summary = pd.read_csv(out / "summary.csv")
+    assert len(summary) == 3 and summary["cell-type ARI"].notna().all()
+    history = pd.read_csv(out / "history.csv")
+    stage2 = history[history["stage"] == 2]
+    assert len(stage2) and "cl_loss" in stage2.columns
+    assert (stage2["lr_backbone"] < stage2["lr_head"]).all()
+    assert (out / "batches.png").is_file()
+
+
+def _check_spatial(out: Path, proc: subprocess.CompletedProcess) -> None:
+    summary = pd.read_csv(out / "summary.csv")
+    assert len(summary) == 4 and summary["domain ARI"].between(-1, 1).all()
+    history = pd.read_csv(out / "history_end_to_end.csv")
+    assert {"recon_loss", "raw_recon_loss", "contrast_loss", "val_recon_loss"} <= set(
+        history.columns)
+    for name in ("domains_true", "domains_two_stage", "domains_end_to_end"):
+        assert (out / f"{name}.png").is_file(), name
+
+
 CHECKS = {
+    "01_single_cell_embedding": _check_embedding,
+    "02_integration_and_refinement": _check_integration,
+    "03_spatial_domains": _check_spatial,
     "04_resume_a_run": _check_resume,
 }
