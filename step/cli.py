@@ -22,10 +22,13 @@ from typing import Any
 __all__ = ["build_parser", "main"]
 
 EXIT_INTERRUPTED = 130
-#: Defaults of ``step demo``: about a minute of training on two CPU cores.
-DEMO_EPOCHS = 60
-DEMO_ARCH = {"hidden_dim": 32, "n_modules": 16, "module_dim": 16, "latent_dim": 16,
-             "dropout": 0.0}
+#: Defaults of ``step demo``: well under a minute of training on two CPU cores. The
+#: small model with a 10-dimensional latent space and a KL weight of 0.3 separates the
+#: PBMC types better than the package defaults on these 700 cells.
+DEMO_EPOCHS = 100
+DEMO_THREADS = 1
+DEMO_ARCH = {"hidden_dim": 32, "n_modules": 16, "module_dim": 16, "latent_dim": 10,
+             "kl_weight": 0.3, "dropout": 0.0}
 
 
 def _positive_int(text: str) -> int:
@@ -104,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Train a small TranscriptFormer on the PBMC counts of "
             "step.datasets.pbmc68k_counts() (labels: bulk_labels) and write the same "
-            "outputs as 'step fit'. Takes a minute or two on two CPU cores."),
+            "outputs as 'step fit'. Trains on one CPU thread, the fastest choice for this "
+            "small model and its mini-batches of 32 cells: under a minute on a laptop CPU."),
     )
     demo.add_argument("--out", default="step-demo", metavar="DIR",
                       help="output folder (default: %(default)s)")
@@ -202,17 +206,23 @@ def _fit(args: argparse.Namespace) -> int:
     return 0
 
 
-class _Interrupted(Exception):
+class _InterruptedError(Exception):
     def __init__(self, checkpoint: Path) -> None:
         super().__init__(str(checkpoint))
         self.checkpoint = checkpoint
 
 
-def _train(step_fn: Any, checkpoints: Path, **kwargs: Any) -> Any:
+def _train(step_fn: Any, checkpoints: Path, *, threads: int | None = None, **kwargs: Any
+           ) -> Any:
+    """Run a training call; turn Ctrl-C/SIGTERM into :class:`_InterruptedError`."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     try:
         return step_fn(**kwargs)
     except KeyboardInterrupt:
-        raise _Interrupted(checkpoints / "checkpoint.pt") from None
+        raise _InterruptedError(checkpoints / "checkpoint.pt") from None
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -223,11 +233,26 @@ def _demo(args: argparse.Namespace) -> int:
     adata = pbmc68k_counts()
     checkpoints = out / "run" / "checkpoints"
     model = scModel(adata, class_key="bulk_labels", seed=args.seed, **DEMO_ARCH)
-    _train(model.run, checkpoints, epochs=args.epochs, batch_size=32, lr=1e-3,
-           checkpoint_dir=checkpoints, verbose=not args.quiet)
+    _train(model.run, checkpoints, threads=DEMO_THREADS, epochs=args.epochs, batch_size=32,
+           lr=1e-3, checkpoint_dir=checkpoints, verbose=not args.quiet)
+    _report_clusters(adata, "bulk_labels")
     _finish(model, adata, out, use_rep="X_rep", color=["bulk_labels"], spatial=None,
             seed=args.seed)
     return 0
+
+
+def _report_clusters(adata: Any, label_key: str) -> None:
+    """Print how well Leiden clusters of the embedding match the known labels."""
+    from sklearn.metrics import adjusted_rand_score
+
+    from step.workflows._cluster import leiden_for_n_clusters
+
+    labels = adata.obs[label_key].to_numpy()
+    n_labels = len(set(labels))
+    clusters, resolution = leiden_for_n_clusters(adata.obsm["X_rep"], n_labels)
+    ari = adjusted_rand_score(labels, clusters)
+    _say(f"Leiden clusters of X_rep ({len(set(clusters))} at resolution {resolution:.3g}) vs "
+         f"{label_key}: ARI {ari:.3f}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -242,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = _fit if args.command == "fit" else _demo
     try:
         return handler(args)
-    except _Interrupted as stop:
+    except _InterruptedError as stop:
         if stop.checkpoint.is_file():
             _say(f"interrupted: training state saved to {stop.checkpoint}")
             if args.command == "fit":

@@ -183,6 +183,12 @@ class Workflow:
                                callbacks=callbacks, verbose=verbose, **kw)
         return self.trainer
 
+    def _final_checkpoint(self) -> None:
+        """Write the state at the end of training where periodic checkpoints go."""
+        trainer = self.trainer
+        if trainer is not None and trainer.checkpoint_path is not None:
+            trainer.save_checkpoint(trainer.checkpoint_path)
+
     def _require_trainer(self, what: str) -> Trainer:
         if self.trainer is None:
             msg = f"{what} needs a trained model; call run() first."

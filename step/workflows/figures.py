@@ -75,7 +75,7 @@ def plot_loss_curves(history: pd.DataFrame, path: str | os.PathLike) -> Path:
         loops = history["loop"].astype(str).to_numpy()
         starts = [epochs[i] for i in range(1, len(loops)) if loops[i] != loops[i - 1]]
     fig, axes = _figure(len(terms))
-    for ax, term in zip(axes, terms):
+    for ax, term in zip(axes, terms, strict=True):
         train = pd.to_numeric(history[term], errors="coerce").to_numpy()
         ax.plot(epochs, train, label="train", color="tab:blue")
         val_key = f"val_{term}"
@@ -162,9 +162,9 @@ def plot_umap(
         raise KeyError(msg)
     xy = umap_coordinates(np.asarray(adata.obsm[use_rep]), seed=seed)
     keys = list(color) or [None]
-    fig, axes = _figure(len(keys), width=5.2, height=4.0, max_cols=2)
+    fig, axes = _figure(len(keys), width=6.8, height=4.4, max_cols=2)
     size = float(np.clip(3000 / max(1, adata.n_obs), 0.5, 20))
-    for ax, key in zip(axes, keys):
+    for ax, key in zip(axes, keys, strict=True):
         if key is None:
             ax.scatter(xy[:, 0], xy[:, 1], s=size, color="tab:blue", linewidths=0)
             ax.set_title(f"UMAP of {use_rep}")
@@ -200,7 +200,7 @@ def plot_spatial(
         groups = {s: np.flatnonzero(sections == s) for s in sorted(set(sections))}
     values = pd.Series(pd.Categorical(adata.obs[color].astype(str)))
     fig, axes = _figure(len(groups), width=4.6, height=4.0)
-    for ax, (name, rows) in zip(axes, groups.items()):
+    for ax, (name, rows) in zip(axes, groups.items(), strict=True):
         cat = values.iloc[rows]
         cat = pd.Series(pd.Categorical(cat.astype(str), categories=values.cat.categories))
         _scatter_by(ax, coords[rows], cat, f"{color}: {name}",

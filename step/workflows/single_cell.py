@@ -129,7 +129,8 @@ class scModel(Workflow):  # noqa: N801 - the name users know from STEP
             clustering of the embedding stops changing; ``None`` for no probe.
         checkpoint_dir
             Folder for ``checkpoint.pt``, written every ``checkpoint_every`` epochs
-            (default 5) and when training is interrupted (Ctrl-C, SIGTERM).
+            (default 5), when training is interrupted (Ctrl-C, SIGTERM; the interruption
+            is then raised again) and when it ends.
         resume
             A checkpoint to continue from (written by a run with the same settings).
         verbose
@@ -155,6 +156,7 @@ class scModel(Workflow):  # noqa: N801 - the name users know from STEP
         if resume is not None:
             trainer.load_checkpoint(resume)
         trainer.train_batch(epochs, loaders)
+        self._final_checkpoint()
         self._write_obsm(key_added, self._infer(self.dataset))
         return self.history
 
@@ -237,6 +239,7 @@ class scModel(Workflow):  # noqa: N801 - the name users know from STEP
             trainer.train_batch(epochs, loaders)
         finally:
             self.dataset.set_mode(MODES.BATCH)
+        self._final_checkpoint()
         self._write_obsm(key_added, self._infer(self.dataset, method="anchored"))
         return self.history
 

@@ -295,6 +295,7 @@ class stModel(Workflow):  # noqa: N801 - the name users know from STEP
                                    num_neighbors=num_neighbors, graph_batch_size=graph_batch_size,
                                    sampler_batch_size=sampler_batch_size, max_steps=max_steps,
                                    valid_every=valid_every)
+        self._final_checkpoint()
 
         self._write_obsm(key_added, self._infer(self.dataset))
         self._write_obsm(smoothed_key, self._infer_graph(self.dataset, self.graph))

@@ -1,0 +1,158 @@
+"""The ``step`` command line: fit on an .h5ad file, the demo, help and interruption."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from step import cli
+
+SMALL_ARCH = {"hidden_dim": 32, "n_modules": 16, "module_dim": 16, "latent_dim": 16,
+              "dropout": 0.0}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Single-threaded training (faster on a busy machine); scanpy and scikit-learn reset
+    torch's OpenMP pool through threadpoolctl, so set it for every test."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _check_outputs(out: Path, adata_in: ad.AnnData, *, obsm: set[str],
+                   obs: frozenset[str] = frozenset()) -> ad.AnnData:
+    result = ad.read_h5ad(out / "result.h5ad")
+    assert result.n_obs == adata_in.n_obs
+    assert set(result.obsm) - set(adata_in.obsm) == obsm
+    assert set(result.obs.columns) - set(adata_in.obs.columns) == obs
+    assert set(result.uns) == set(adata_in.uns)
+    rep = result.obsm["X_rep"]
+    assert rep.shape[0] == adata_in.n_obs and np.isfinite(rep).all()
+    run = out / "run"
+    assert {"model.pt", "config.json", "history.csv"} <= {p.name for p in run.iterdir()}
+    assert (run / "checkpoints" / "checkpoint.pt").is_file()
+    assert _png(out / "figures" / "loss_curves.png")
+    assert _png(out / "figures" / "umap.png")
+    return result
+
+
+@pytest.fixture
+def small_h5ad(pbmc_counts: ad.AnnData, tmp_path: Path) -> tuple[Path, ad.AnnData]:
+    adata = pbmc_counts[:240].copy()
+    adata.obs["batch"] = np.where(np.arange(adata.n_obs) % 2, "b1", "b0")
+    path = tmp_path / "small.h5ad"
+    adata.write_h5ad(path)
+    return path, adata
+
+
+@pytest.fixture
+def small_arch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the CLI build small models so that the tests take seconds."""
+    from step.workflows import scModel, stModel
+
+    for cls in (scModel, stModel):
+        original = cls.__init__
+
+        def init(self, adata, *, _original=original, **kw):
+            _original(self, adata, **{**kw, **SMALL_ARCH})
+
+        monkeypatch.setattr(cls, "__init__", init)
+
+
+def test_help_everywhere() -> None:
+    for argv in (["--help"], ["fit", "--help"], ["demo", "--help"]):
+        with pytest.raises(SystemExit) as stop:
+            cli.main(argv)
+        assert stop.value.code == 0
+
+
+@pytest.mark.usefixtures("small_arch")
+def test_fit_single_cell(small_h5ad, tmp_path: Path, capsys) -> None:
+    path, adata = small_h5ad
+    out = tmp_path / "out"
+    code = cli.main(["fit", str(path), "--out", str(out), "--class-key", "bulk_labels",
+                     "--batch-key", "batch", "--epochs", "3", "--refine-epochs", "2",
+                     "--quiet"])
+    assert code == 0
+    _check_outputs(out, adata, obsm={"X_rep", "X_anchord"})
+    assert "result.h5ad" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("small_arch")
+def test_fit_spatial(spatial_counts: ad.AnnData, tmp_path: Path) -> None:
+    adata = spatial_counts[spatial_counts.obs["section"].isin(["section_0", "section_1"])
+                           ].copy()
+    path = tmp_path / "spatial.h5ad"
+    adata.write_h5ad(path)
+    out = tmp_path / "out"
+    code = cli.main(["fit", str(path), "--out", str(out), "--spatial", "--section-key",
+                     "section", "--n-clusters", "4", "--epochs", "2", "--graph-epochs", "2",
+                     "--quiet"])
+    assert code == 0
+    result = _check_outputs(out, adata, obsm={"X_rep", "X_smoothed"}, obs={"domain"})
+    assert result.obs["domain"].nunique() == 4
+    assert _png(out / "figures" / "spatial_domains.png")
+
+
+def test_fit_reports_usage_errors(small_h5ad, tmp_path: Path, capsys) -> None:
+    path, _ = small_h5ad
+    assert cli.main(["fit", str(path), "--out", str(tmp_path), "--spatial"]) == 2
+    assert "--n-clusters" in capsys.readouterr().err
+    assert cli.main(["fit", str(tmp_path / "none.h5ad"), "--out", str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["fit", str(path), "--out", str(tmp_path), "--refine-epochs", "2"]) == 2
+
+
+def test_demo_in_a_subprocess(tmp_path: Path, pbmc_counts: ad.AnnData) -> None:
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "step.cli", "demo", "--out", str(out),
+                           "--epochs", "2", "--quiet"], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    result = _check_outputs(out, pbmc_counts, obsm={"X_rep"})
+    assert "bulk_labels" in result.obs
+
+
+def test_interrupt_saves_a_checkpoint_and_exits_130(small_h5ad, tmp_path: Path) -> None:
+    path, _ = small_h5ad
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "step.cli", "fit", str(path), "--out", str(out), "--epochs",
+         "100000", "--batch-size", "16", "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    checkpoint = out / "run" / "checkpoints" / "checkpoint.pt"
+    deadline = time.monotonic() + 240
+    while not checkpoint.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    assert checkpoint.exists(), "no periodic checkpoint appeared"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "checkpoint.pt" in err and "--resume" in err
+    assert not (out / "result.h5ad").exists()
+
+    # the checkpoint continues the interrupted run for two more epochs
+    state = torch.load(checkpoint, weights_only=True)
+    done = int(state["counters"]["loop_epoch"])
+    code = cli.main(["fit", str(path), "--out", str(out), "--batch-size", "16", "--resume",
+                     str(checkpoint), "--epochs", str(done + 2), "--quiet"])
+    assert code == 0
+    history = pd.read_csv(out / "run" / "history.csv")
+    assert history["epoch"].tolist() == list(range(done + 2))
