@@ -29,6 +29,7 @@ def main() -> int:
     p.add_argument("--resume")
     p.add_argument("--out", required=True)
     p.add_argument("--sleep", type=float, default=0.0)
+    p.add_argument("--batch-sleep", type=float, default=0.0)
     p.add_argument("--diverging-rank", type=int, default=-1)
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -51,6 +52,9 @@ def main() -> int:
     class Pause:
         def on_train_epoch_end(self):
             time.sleep(args.sleep)
+
+        def on_train_batch_end(self):
+            time.sleep(args.batch_sleep)
 
     trainer = Trainer(model, seed=0, verbose=False, checkpoint_path=args.ckpt,
                       checkpoint_every=1 if args.ckpt else None, callbacks=[Pause()],

@@ -101,21 +101,36 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     assert a["val_recon"] == b["val_recon"]
 
 
-def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
+def test_sigterm_mid_epoch_saves_the_last_epoch_and_resumes_exactly(tmp_path):
+    ref = _run("--epochs", "6", "--out", str(tmp_path / "ref.json"))
+    assert ref.returncode == 0, ref.stderr
     ckpt = tmp_path / "run.pt"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--epochs", "50", "--ckpt", str(ckpt),
-                             "--sleep", "0.3", "--out", str(tmp_path / "x.json")], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--epochs", "6", "--ckpt", str(ckpt),
+                             "--batch-sleep", "0.1", "--out", str(tmp_path / "x.json")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not ckpt.exists():
+    epoch = 0
+    while time.time() < deadline and epoch < 2:
         time.sleep(0.05)
+        if ckpt.exists():
+            epoch = torch.load(ckpt, weights_only=True)["counters"]["epoch"]
+    time.sleep(0.3)  # a few steps into the next epoch
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
-    assert "interrupted" in out and "SIGTERM" in out and "saved" in out
-    state = torch.load(ckpt, weights_only=True)
-    assert state["counters"]["epoch"] >= 1
+    assert "interrupted during epoch" in out and "SIGTERM" in out and "was saved" in out
+    assert out.count("interrupted during epoch") == 1
+    saved = torch.load(ckpt, weights_only=True)["counters"]["epoch"]
+    assert f"the state after epoch {saved} was saved" in out
+    assert 2 <= saved < 6
+
+    # the saved state is an epoch boundary: the resumed run matches the uninterrupted one
+    resumed = _run("--epochs", "6", "--resume", str(ckpt), "--out", str(tmp_path / "res.json"))
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = _weights(tmp_path / "ref.json"), _weights(tmp_path / "res.json")
+    assert a["weights"] == b["weights"]
+    assert a["val_recon"] == b["val_recon"]
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),

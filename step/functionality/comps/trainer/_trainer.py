@@ -99,7 +99,8 @@ class Trainer:
         Densify the datasets of ``train_batch`` loaders on the device once and gather
         batches there (for datasets that fit in device memory).
     checkpoint_path, checkpoint_every
-        Write a checkpoint every ``checkpoint_every`` epochs to ``checkpoint_path``.
+        Write a checkpoint every ``checkpoint_every`` epochs to ``checkpoint_path``. On
+        Ctrl-C or SIGTERM the state after the last completed epoch is written there too.
     callbacks
         Objects with any of ``on_train_start``, ``on_train_epoch_start``,
         ``on_train_batch_end``, ``on_validation_end``, ``on_train_epoch_end``,
@@ -183,6 +184,7 @@ class Trainer:
         self.max_rollbacks = int(max_rollbacks)
         self.n_rollbacks = 0
         self._good_state: dict[str, Any] | None = None
+        self._boundary_state: dict[str, Any] | None = None
         self.cache_on_device = cache_on_device
         self._loader_cache: dict[int, Any] = {}
         self.checkpoint_path = checkpoint_path
@@ -745,6 +747,7 @@ class Trainer:
         self.model.train()
         self._wrap_ddp()
         self._snapshot_good_state()
+        self._snapshot_boundary_state()
         call_hook(self.callbacks, "on_train_start", trainer=self, loop=name, epochs=epochs)
         return start
 
@@ -809,6 +812,7 @@ class Trainer:
             self.save_checkpoint(self.checkpoint_path)
         if all(math.isfinite(v) for v in train.values()):
             self._snapshot_good_state()
+        self._snapshot_boundary_state()
         return stop
 
     def _end_loop(self, stopped: bool) -> None:
@@ -828,13 +832,27 @@ class Trainer:
         self._loader_cache.clear()
         self._ddp_model = None
 
+    def _snapshot_boundary_state(self) -> None:
+        """Keep the state at the last epoch boundary in memory (when checkpointing), so an
+        interruption can save a state from which a resumed run continues exactly."""
+        if self.checkpoint_path is None or self.optimizer is None or not self.is_main_process:
+            self._boundary_state = None
+            return
+        self._boundary_state = ckpt.detached_copy(self.state_dict())
+
     def _on_interrupt(self, reason: str) -> None:
-        """Save what there is (rank 0) when training is interrupted, then report it."""
+        """Save the state of the last completed epoch (rank 0) when training is interrupted.
+
+        The weights in the middle of an epoch are not saved: a run resumed from them would
+        not match an uninterrupted one. The resumed run repeats the interrupted epoch.
+        """
         self.stop_reason = f"interrupted during epoch {self.epoch} ({reason})"
-        if self.checkpoint_path is not None and self.optimizer is not None:
-            self.save_checkpoint(self.checkpoint_path)
-            self.stop_reason += f"; state saved to {os.fspath(self.checkpoint_path)}"
-        self._say(self.stop_reason)
+        state, self._boundary_state = self._boundary_state, None
+        if self.checkpoint_path is not None and state is not None:
+            ckpt.write_checkpoint(state, self.checkpoint_path)
+            done = state["counters"]["epoch"]
+            self.stop_reason += (f"; the state after epoch {done} was saved to "
+                                 f"{os.fspath(self.checkpoint_path)}")
 
     def _write_tensorboard(self, row: Mapping[str, Any]) -> None:
         if self.writer is None:
