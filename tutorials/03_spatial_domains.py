@@ -165,7 +165,5 @@ print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 summary.to_csv(OUT / "summary.csv", index=False)
 history.to_csv(OUT / "history_end_to_end.csv", index=False)
 adata.obsm["X_smoothed_two_stage"] = two_stage
-# the table of cell-type mixtures has column names with "/", which HDF5 keys cannot hold
-adata.uns.pop("domain_proportions", None)
 adata.write_h5ad(OUT / "sections.h5ad")
 print(f"wrote {OUT / 'summary.csv'}, the domain maps and {OUT / 'sections.h5ad'}")

@@ -137,7 +137,9 @@ def spatial_sections_from_cells(
       ``dominant_types[i]`` as dominant type in every section);
     - ``obs["cell_type"]``: categorical type of the sampled cell;
     - ``obs["source_cell"]``: name of the sampled cell in ``source``;
-    - ``uns["domain_proportions"]``: DataFrame of the cell-type mixture per domain.
+    - ``uns["domain_proportions"]``: DataFrame of the cell-type mixture of each domain
+      (one column per domain, one row per cell type; each column sums to 1). Cell types
+      are rows because their names may contain ``/``, which h5ad column names may not.
 
     Raises
     ------
@@ -239,5 +241,5 @@ def spatial_sections_from_cells(
     )
     out = ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=source.var_names.astype(str).copy()))
     out.obsm["spatial"] = np.tile(grid_coords, (int(n_sections), 1))
-    out.uns["domain_proportions"] = pd.DataFrame(props, index=domain_names, columns=type_names)
+    out.uns["domain_proportions"] = pd.DataFrame(props.T, index=type_names, columns=domain_names)
     return out

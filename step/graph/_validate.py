@@ -98,7 +98,7 @@ def as_edge_index(edge_index: Any, num_nodes: int | None = None) -> torch.Tensor
         ``int64`` tensor of shape ``(2, E)`` on the CPU.
     """
     if not isinstance(edge_index, torch.Tensor):
-        edge_index = torch.as_tensor(np.asarray(edge_index))
+        edge_index = torch.tensor(np.asarray(edge_index))  # a copy: the array may be read-only
     if edge_index.dim() != 2 or edge_index.size(0) != 2:
         msg = f"`edge_index` must have shape (2, E), got {tuple(edge_index.shape)}."
         raise ValueError(msg)

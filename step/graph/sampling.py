@@ -49,7 +49,7 @@ def _as_input_nodes(input_nodes: Any, num_nodes: int) -> torch.Tensor:
     if isinstance(input_nodes, torch.Tensor):
         nodes = input_nodes.detach().cpu()
     else:
-        nodes = torch.as_tensor(np.asarray(input_nodes))
+        nodes = torch.tensor(np.asarray(input_nodes))  # a copy: the array may be read-only
     if nodes.dtype == torch.bool:
         if nodes.numel() != num_nodes:
             msg = f"a boolean `input_nodes` mask needs {num_nodes} entries, got {nodes.numel()}."

@@ -82,7 +82,22 @@ def test_domains_mix_cell_types_around_a_dominant_one(spatial_counts):
         assert 0.5 < row[dominant] < 0.7
         assert (row > 0).sum() >= 5
     props = spatial_counts.uns["domain_proportions"]
-    np.testing.assert_allclose(props.sum(axis=1), 1.0)
+    np.testing.assert_allclose(props.sum(axis=0), 1.0)
+    for d, dominant in enumerate(PBMC_DOMINANT_TYPES[:4]):
+        assert props[f"domain_{d}"].idxmax() == dominant
+
+
+def test_sections_write_to_h5ad_without_warnings(spatial_counts, tmp_path):
+    import warnings
+
+    import anndata as ad
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spatial_counts.write_h5ad(tmp_path / "sections.h5ad")
+    back = ad.read_h5ad(tmp_path / "sections.h5ad")
+    pd.testing.assert_frame_equal(back.uns["domain_proportions"],
+                                  spatial_counts.uns["domain_proportions"], check_names=False)
 
 
 def test_neighbour_averaging_reveals_domains(spatial_counts):

@@ -24,12 +24,12 @@ def node_masks(n: int, train_ind: Any, valid_ind: Any) -> tuple[torch.Tensor, to
     valid = None
     if valid_ind is not None:
         valid = torch.zeros(n, dtype=torch.bool)
-        valid[torch.as_tensor(np.asarray(valid_ind), dtype=torch.long)] = True
+        valid[torch.tensor(np.asarray(valid_ind), dtype=torch.long)] = True
     if train_ind is None:
         train = torch.ones(n, dtype=torch.bool) if valid is None else ~valid
     else:
         train = torch.zeros(n, dtype=torch.bool)
-        train[torch.as_tensor(np.asarray(train_ind), dtype=torch.long)] = True
+        train[torch.tensor(np.asarray(train_ind), dtype=torch.long)] = True
         if valid is not None and bool((train & valid).any()):
             msg = "train_ind and valid_ind share nodes; validation nodes must be held out."
             raise ValueError(msg)
@@ -102,5 +102,5 @@ def validate(trainer: Trainer, gloader: Iterable, dataset: Any, valid_ind: Any =
         mask = torch.ones(n, dtype=torch.bool)
     else:
         mask = torch.zeros(n, dtype=torch.bool)
-        mask[torch.as_tensor(np.asarray(valid_ind), dtype=torch.long)] = True
+        mask[torch.tensor(np.asarray(valid_ind), dtype=torch.long)] = True
     return _validate_masked(trainer, gloader, dataset, mask, end_to_end=end_to_end)
