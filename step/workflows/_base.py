@@ -35,6 +35,21 @@ def _check_positive_int(name: str, value: Any) -> int:
     return int(value)
 
 
+def _resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` means CUDA when available, else the CPU."""
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        msg = f"device must be 'cpu', 'cuda', 'cuda:<n>', 'auto' or a torch.device; got {device!r}."
+        raise ValueError(msg) from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        msg = "device 'cuda' was requested but CUDA is not available; use 'cpu' or 'auto'."
+        raise ValueError(msg)
+    return resolved
+
+
 def _check_key_added(key_added: Any) -> str:
     if not isinstance(key_added, str) or not key_added:
         msg = f"key_added must be a non-empty string, got {key_added!r}."
@@ -86,7 +101,7 @@ class Workflow:
         self.class_key = class_key
         self.n_top_genes = n_top_genes
         self.seed = int(seed)
-        self.device = torch.device(device)
+        self.device = _resolve_device(device)
         self._categories = dict(_categories or {})
         self._prepare(adata, genes=_genes)
         self.genes: list[str] = [str(g) for g in self._prepared.var_names]

@@ -47,7 +47,8 @@ class scModel(Workflow):  # noqa: N801 - the name users know from STEP
     seed
         Seeds the model initialisation, the split, shuffling and training.
     device
-        ``"cpu"``, ``"cuda"`` or a :class:`torch.device`.
+        ``"cpu"``, ``"cuda"``, ``"auto"`` (CUDA when available) or a
+        :class:`torch.device`.
     **model_kw
         Other :class:`~step.models.TranscriptFormer` arguments (``n_heads``, ``dropout``,
         ``kl_weight``, ``dispersion``, ``free_bits``, ...).

@@ -89,7 +89,8 @@ class stModel(Workflow):  # noqa: N801 - the name users know from STEP
     seed
         Seeds initialisation, splits, sampling and training.
     device
-        ``"cpu"``, ``"cuda"`` or a :class:`torch.device`.
+        ``"cpu"``, ``"cuda"``, ``"auto"`` (CUDA when available) or a
+        :class:`torch.device`.
     **model_kw
         Other :class:`~step.models.TranscriptFormer` arguments.
 

@@ -168,6 +168,8 @@ def test_refine_tunes_the_backbone_at_tune_lr(pbmc_counts: ad.AnnData) -> None:
     assert moved_backbone > 0
     assert moved_backbone < 0.2 * anchors_moved, (moved_backbone, anchors_moved)
 
+    assert set(pbmc_counts.obsm) == {ADATA_KEYS.X_REP, ADATA_KEYS.X_ANCHORED}
+    assert list(pbmc_counts.uns) == [] and list(pbmc_counts.layers) == []
     anchored = pbmc_counts.obsm[ADATA_KEYS.X_ANCHORED]
     assert anchored.shape == (pbmc_counts.n_obs, model.model.latent_dim)
     np.testing.assert_array_equal(model.embed(anchored=True), anchored)
@@ -190,6 +192,8 @@ def test_refine_needs_labels_and_a_trained_model(pbmc_counts: ad.AnnData) -> Non
 
 
 def test_bad_arguments_are_reported(pbmc_counts: ad.AnnData) -> None:
+    with pytest.raises(ValueError, match="device"):
+        scModel(pbmc_counts, device="gpu")
     with pytest.raises(KeyError, match="nope"):
         scModel(pbmc_counts, batch_key="nope")
     with pytest.raises(KeyError, match="missing"):
