@@ -153,3 +153,31 @@ def test_transformer_encoder_is_batch_first_pre_norm() -> None:
     layer = enc.layers[0]
     assert layer.norm_first and layer.self_attn.batch_first
     assert enc(torch.randn(3, 9, 16)).shape == (3, 9, 16)
+
+
+@pytest.mark.parametrize("heads", [1, 8])
+def test_cpu_attention_matches_pytorch_attention(heads: int) -> None:
+    """The encoder's matmul attention on CPUs gives the outputs and gradients of PyTorch's
+    own attention with the same weights."""
+    torch.manual_seed(0)
+    ours = transformer_encoder(64, n_layers=2, n_heads=heads, dropout=0.0)
+    reference = torch.nn.TransformerEncoder(
+        torch.nn.TransformerEncoderLayer(64, heads, 256, dropout=0.0, activation="gelu",
+                                         batch_first=True, norm_first=True),
+        num_layers=2, norm=torch.nn.LayerNorm(64), enable_nested_tensor=False)
+    reference.load_state_dict(ours.state_dict())  # the same parameter names
+    x = torch.randn(16, 33, 64, requires_grad=True)
+    weights = torch.randn(16, 33, 64)
+    results = []
+    for enc in (ours, reference):
+        out = enc(x)
+        grads = torch.autograd.grad((out * weights).sum(), [x, *enc.parameters()])
+        results.append((out, grads))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+    # under bf16 autocast the attention weights are normalised in float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = ours(x)
+    torch.testing.assert_close(low.float(), results[1][0], rtol=0.1, atol=0.1)

@@ -1021,13 +1021,26 @@ class Trainer:
 
         self._require(method, "predict")
         fn = getattr(self.model, method)
-        loader = data if not hasattr(data, "subset") else index_loader(
-            data, batch_size, shuffle=False)
-        outs = []
+        is_dataset = hasattr(data, "subset")
+        loader = index_loader(data, batch_size, shuffle=False) if is_dataset else data
+        # Batches of a dataset go straight into one array: many small per-batch outputs
+        # kept until a final concatenation fragment the heap and raise the peak memory.
+        out: np.ndarray | None = None
+        outs: list[np.ndarray] = []
+        start = 0
         with self._eval_mode(), self._autocast():
             for inputs in loader:
-                outs.append(fn(self.to_device(self._as_inputs(inputs))).float().cpu())
-        return torch.cat(outs).numpy()
+                batch = fn(self.to_device(self._as_inputs(inputs))).float().cpu().numpy()
+                if not is_dataset:
+                    outs.append(batch)
+                    continue
+                if out is None:
+                    out = np.empty((len(data), *batch.shape[1:]), dtype=np.float32)
+                out[start:start + len(batch)] = batch
+                start += len(batch)
+        if out is not None:
+            return out
+        return np.concatenate(outs) if outs else np.empty((0,), dtype=np.float32)
 
     # ------------------------------------------------------------ history
     @property
