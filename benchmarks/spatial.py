@@ -14,7 +14,7 @@ Three tables:
    node sampler with a budget of 1,024 that its ``stModel.run(e2e=True)`` uses; the same
    model sizes (hidden 64, 32 modules of size 30, ZINB, 3 layers / 8 heads), and step-kit's
    own loop, through ``benchmarks/peers/stepkit_driver.py``. Further rows: our default
-   transformer (2 layers / 4 heads), bf16 autocast with the proposed matmul attention, and
+   transformer (2 layers / 4 heads), bf16 autocast, and
    the workflow's ``NeighborSampler`` (256 seeds, fan-out 10, 10; more nodes per step, so
    nodes/s is the comparable figure).
 3. **Domain recovery** on three 30 × 30 sections of real cells with four domains: k-means
@@ -31,7 +31,6 @@ Usage::
 
 from __future__ import annotations
 
-import contextlib
 import tempfile
 import time
 from pathlib import Path
@@ -92,7 +91,7 @@ class StepClock:
 
 
 def train_e2e(adata, arch: dict[str, Any], *, sampler_kind: str, iterations: int, warmup: int,
-              amp: str | None, patched: bool, device: str, seed: int) -> dict[str, Any]:
+              amp: str | None, device: str, seed: int) -> dict[str, Any]:
     dataset = StDataset(adata, spatial_key="spatial")
     edge_index = build_spatial_graph(np.asarray(adata.obsm["spatial"]), method="knn", k=K)
     n = adata.n_obs
@@ -117,10 +116,8 @@ def train_e2e(adata, arch: dict[str, Any], *, sampler_kind: str, iterations: int
         return original(graph, *a, **k)
 
     trainer.handle_ginput_tuple = counting
-    ctx = C.matmul_attention() if patched else contextlib.nullcontext()
-    with ctx:
-        start = time.perf_counter()
-        trainer.train_node_sampler(1, sampler, dataset, max_steps=iterations, end_to_end=True)
+    start = time.perf_counter()
+    trainer.train_node_sampler(1, sampler, dataset, max_steps=iterations, end_to_end=True)
     times = clock.times
     steady = (len(times) - warmup) / (times[-1] - times[warmup - 1]) if warmup else \
         len(times) / (times[-1] - start)
@@ -148,13 +145,13 @@ def e2e_table(args, tmp: Path) -> tuple[C.Table, list[str]]:
         C.Column("probe_gflops", "GEMM probe GFLOP/s", C.fmt_float(0)),
     ])
     skipped = []
-    runs = [("step", "same", "fp32", "random", None, False),
-            ("step-kit", "same", "fp32", "saint", None, False),
-            ("step", "defaults", "fp32", "random", None, False),
-            ("step", "same", "bf16 + matmul attention (proposed)", "random", "bf16", True)]
+    runs = [("step", "same", "fp32", "random", None),
+            ("step-kit", "same", "fp32", "saint", None),
+            ("step", "defaults", "fp32", "random", None),
+            ("step", "same", "bf16 autocast", "random", "bf16")]
     if not args.quick:
-        runs.append(("step", "defaults", "fp32", "neighbor", None, False))
-    for tool, arch, precision, sampler, amp, patched in runs:
+        runs.append(("step", "defaults", "fp32", "neighbor", None))
+    for tool, arch, precision, sampler, amp in runs:
         print(f"[e2e] {tool}, {C.ARCH_LABELS[arch]}, {precision}, {sampler}", flush=True)
         probe = C.load_probe(args.device)
         if tool == "step-kit":
@@ -176,7 +173,7 @@ def e2e_table(args, tmp: Path) -> tuple[C.Table, list[str]]:
             continue
         result = train_e2e(adata, C.SAME_ARCH if arch == "same" else C.OUR_DEFAULTS,
                            sampler_kind=sampler, iterations=iterations, warmup=warmup,
-                           amp=amp, patched=patched, device=args.device, seed=args.seed)
+                           amp=amp, device=args.device, seed=args.seed)
         label = (f"RandomNodeSampler, {NODES_PER_STEP} nodes" if sampler == "random"
                  else "NeighborSampler, 256 seeds, fan-out (10, 10)")
         table.add(tool="step", architecture=C.ARCH_LABELS[arch], precision=precision,
@@ -191,8 +188,7 @@ def e2e_table(args, tmp: Path) -> tuple[C.Table, list[str]]:
         "loss per step: smoothed and raw ZINB reconstruction, KL (weight 1e-3), InfoNCE "
         "contrast; Adam lr 1e-3; smoother: 2 GCN layers; kNN graph k=6 (step-kit: 7 "
         "neighbours including the spot itself).",
-        "bf16 + matmul attention: Trainer(amp='bf16') with the attention patch proposed in "
-        "efficiency.py, applied in this process only.",
+        "bf16 autocast: Trainer(amp='bf16').",
         *skipped,
     ]
     return table, skipped

@@ -8,10 +8,8 @@ the same way for both tools. Rows:
 
 - ``step``, 3 layers / 8 heads: the architecture of the public STEP release (hidden 64,
   32 modules of size 30, ZINB), fp32;
-- ``step``, same, under bf16 autocast (``Trainer(amp="bf16")``);
 - ``step``, 2 layers / 4 heads: the sizes above with this package's transformer defaults;
-- ``step``, bf16 autocast with the proposed matmul attention (``_common.matmul_attention``,
-  applied in this process only: not what the package does today), both sizes;
+- ``step``, both sizes under bf16 autocast (``Trainer(amp="bf16")``);
 - ``step-kit 0.3``: its ``scModel(...).run()`` with the same sizes, data and batch size,
   run by ``benchmarks/peers/stepkit_driver.py`` in its own environment.
 
@@ -27,7 +25,6 @@ Usage::
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import tempfile
 import time
@@ -35,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import _common as C
-import torch
 
 from step.datasets import pbmc68k_counts, synthetic_counts
 from step.functionality.comps.trainer import Trainer
@@ -47,7 +43,6 @@ LR = 1e-3
 KL_WEIGHT = 1e-2  # step-kit's default beta for single-cell training
 EPOCHS = {"pbmc": 6, "synthetic-10k": 3, "synthetic-100k": 2}
 QUICK_EPOCHS = {"pbmc": 4, "synthetic-10k": 2}
-PATCHED = "bf16 + matmul attention (proposed)"
 
 
 def load(name: str, seed: int):
@@ -83,7 +78,7 @@ def epoch_rates(times: list[float], start: float, n_cells: int, steps_per_epoch:
 
 
 def train_ours(adata, arch: dict[str, Any], *, amp: str | None, epochs: int, device: str,
-               seed: int, patched: bool = False) -> dict[str, Any]:
+               seed: int) -> dict[str, Any]:
     dataset = ScDataset(adata)
     model = TranscriptFormer(dataset.n_genes, kl_weight=KL_WEIGHT,
                              **{k: v for k, v in arch.items()})
@@ -92,9 +87,8 @@ def train_ours(adata, arch: dict[str, Any], *, amp: str | None, epochs: int, dev
                       callbacks=[clock], distributed=False)
     trainer.init_optimizer(lr=LR)
     loader = index_loader(dataset, BATCH_SIZE, shuffle=True, seed=seed)
-    with C.matmul_attention() if patched else contextlib.nullcontext():
-        start = time.perf_counter()
-        trainer.train_batch(epochs, (loader, None))
+    start = time.perf_counter()
+    trainer.train_batch(epochs, (loader, None))
     out = epoch_rates(clock.times, start, len(dataset), len(loader), epochs)
     out["n_params"] = sum(p.numel() for p in model.parameters())
     last = trainer.history.iloc[-1]
@@ -151,20 +145,19 @@ def main(argv: list[str] | None = None) -> None:
             base = {"dataset": name, "n_cells": adata.n_obs, "n_genes": adata.n_vars,
                     "epochs": (epochs, epochs - 1)}
             h5ad = C.write_counts_h5ad(adata, tmp / f"{name}.h5ad")
-            # (tool, architecture, precision label, amp or "stepkit", proposed attention)
-            runs: list[tuple[str, str, str, Any, bool]] = [
-                ("step", "same", "fp32", None, False),
-                ("step-kit", "same", "fp32", "stepkit", False),
-                ("step", "defaults", "fp32", None, False),
+            # (tool, architecture, precision label, amp or "stepkit")
+            runs: list[tuple[str, str, str, Any]] = [
+                ("step", "same", "fp32", None),
+                ("step-kit", "same", "fp32", "stepkit"),
+                ("step", "defaults", "fp32", None),
             ]
             if not args.no_bf16 and (name == "pbmc" or not args.quick):
                 runs += [
-                    ("step", "same", "bf16 autocast", "bf16", False),
-                    ("step", "same", PATCHED, "bf16", True),
-                    ("step", "defaults", PATCHED, "bf16", True),
+                    ("step", "same", "bf16 autocast", "bf16"),
+                    ("step", "defaults", "bf16 autocast", "bf16"),
                 ]
             rows = []
-            for tool, arch, precision, how, patched in runs:
+            for tool, arch, precision, how in runs:
                 print(f"[{name}] {tool}, {C.ARCH_LABELS[arch]}, {precision}: {epochs} epochs",
                       flush=True)
                 gc.collect()
@@ -176,8 +169,7 @@ def main(argv: list[str] | None = None) -> None:
                     else:
                         result = train_ours(adata, C.SAME_ARCH if arch == "same" else
                                             C.OUR_DEFAULTS, amp=how, epochs=epochs,
-                                            device=args.device, seed=args.seed,
-                                            patched=patched)
+                                            device=args.device, seed=args.seed)
                 except C.StepkitUnavailable as err:
                     skipped.append(f"step-kit rows skipped: {err}")
                     continue
