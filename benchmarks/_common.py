@@ -12,6 +12,7 @@ import csv
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -221,6 +222,21 @@ class Table:
             lines += [f"- {note}" for note in self.notes]
         return "\n".join(lines) + "\n"
 
+    def rst(self) -> str:
+        """The table as an RST ``csv-table`` with its notes (for the documentation)."""
+        def cell(text: str) -> str:
+            return '"' + _rst_escape(text).replace('"', '""') + '"'
+
+        lines = [f".. rubric:: {_rst_escape(self.title)}", "", ".. csv-table::",
+                 "   :header: " + ", ".join(cell(c.label) for c in self.columns), ""]
+        for row in self.rows:
+            lines.append("   " + ", ".join(cell(c.render(row.get(c.key)))
+                                            for c in self.columns))
+        if self.notes:
+            lines.append("")
+            lines += [f"* {_rst_escape(note)}" for note in self.notes]
+        return "\n".join(lines) + "\n"
+
     def print(self) -> None:
         from rich.console import Console
         from rich.table import Table as RichTable
@@ -247,6 +263,14 @@ class Table:
         return path
 
 
+def _rst_escape(text: str) -> str:
+    """Escape the characters that RST would read as markup in plain text."""
+    out = str(text).replace("\\", "\\\\")
+    for char in "*`|":
+        out = out.replace(char, "\\" + char)
+    return re.sub(r"_(?=\W|$)", r"\\_", out)
+
+
 def _csv_value(value: Any) -> Any:
     if isinstance(value, float):
         return f"{value:.6g}"
@@ -270,11 +294,14 @@ def write_report(name: str, title: str, intro: str, tables: Sequence[Table],
         md.append(extra_md.strip() + "\n")
     md_path = out / f"{name}.md"
     md_path.write_text("\n".join(md))
+    rst_path = out / f"{name}.rst"
+    rst = [f"Measured {_rst_escape(machine_line(info))}", ""] + [t.rst() for t in tables]
+    rst_path.write_text("\n".join(rst))
     json_path = out / f"{name}.json"
     payload = {"machine": dict(info), "tables": {t.name: t.rows for t in tables},
                **(extra_json or {})}
     json_path.write_text(json.dumps(payload, indent=1, default=_json_default) + "\n")
-    paths += [md_path, json_path]
+    paths += [md_path, rst_path, json_path]
     print("wrote " + ", ".join(str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
                                for p in paths))
     return paths

@@ -111,3 +111,20 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError):
         other.load_checkpoint(tmp_path / "junk.pt")
+
+
+def test_seed_everything_seeds_python_numpy_and_torch():
+    import random
+
+    import numpy as np
+
+    def draws():
+        return (random.random(), float(np.random.rand()), float(torch.rand(1)))
+
+    seed_everything(3)
+    first = draws()
+    seed_everything(3)
+    assert draws() == first
+    seed_everything(4)
+    other = draws()
+    assert all(a != b for a, b in zip(first, other))
