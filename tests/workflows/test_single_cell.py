@@ -177,6 +177,16 @@ def _class_means(model: scModel, adata: ad.AnnData) -> np.ndarray:
     return np.stack([rep[codes == c].mean(0) for c in range(codes.max() + 1)])
 
 
+def test_probe_stops_training_once_the_clusters_settle(pbmc_counts: ad.AnnData) -> None:
+    model = scModel(pbmc_counts, seed=0, **SMALL)
+    history = model.run(epochs=60, batch_size=64, verbose=False, early_stopping=False,
+                        probe={"every": 2, "n_clusters": 5, "threshold": 0.9, "patience": 2})
+    probes = history["probe_ari"].dropna()
+    assert len(history) < 60 and len(history) % 2 == 0
+    assert (probes.iloc[-2:] >= 0.9).all()
+    assert "probe_ari" not in pbmc_counts.obs and "probe_ari" not in pbmc_counts.uns
+
+
 def test_refine_needs_labels_and_a_trained_model(pbmc_counts: ad.AnnData) -> None:
     model = scModel(pbmc_counts, seed=0, **SMALL)
     with pytest.raises(RuntimeError, match="call run"):
