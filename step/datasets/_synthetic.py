@@ -94,9 +94,17 @@ def synthetic_counts(
     log_q = np.log1p(-1.0 / level).astype(np.float32)
     cell_type = rng.integers(0, n_types, size=n_cells)
 
-    chunk = max(1, _CHUNK_VALUES // n_genes)
+    # The non-zeros go straight into buffers sized for the expected count plus a margin
+    # of many standard deviations, so the result is never held twice (as chunks and as
+    # their concatenation); a buffer grows only in the very unlikely case it is full.
+    expected = float(prob.sum(axis=1)[cell_type].sum())
+    capacity = int(expected + 10.0 * np.sqrt(expected) + 1024)
+    index_dtype = np.int32 if capacity < np.iinfo(np.int32).max else np.int64
+    data = np.empty(capacity, dtype=np.float32)
+    indices = np.empty(capacity, dtype=index_dtype)
     indptr = np.zeros(n_cells + 1, dtype=np.int64)
-    indices_parts, data_parts = [], []
+    chunk = max(1, _CHUNK_VALUES // n_genes)
+    filled = 0
     for start in range(0, n_cells, chunk):
         stop = min(start + chunk, n_cells)
         types = cell_type[start:stop]
@@ -111,16 +119,18 @@ def synthetic_counts(
         u = 1.0 - rng.random(rows.size, dtype=np.float32)  # in (0, 1]
         # Inverse-CDF geometric on {1, 2, ...}: 1 + floor(log(u) / log(q)).
         values = 1.0 + np.floor(np.log(u) / log_q[types[rows], cols])
-        data_parts.append(values.astype(np.float32))
-        indices_parts.append(cols.astype(np.int32))
+        end = filled + rows.size
+        if end > data.size:
+            data = np.resize(data, 2 * end)
+            indices = np.resize(indices, 2 * end)
+        data[filled:end] = values
+        indices[filled:end] = cols
+        filled = end
         indptr[start + 1 : stop + 1] = indptr[start] + np.cumsum(np.bincount(rows, minlength=stop - start))
         del rows, cols, u, values
 
-    index_dtype = np.int32 if indptr[-1] < np.iinfo(np.int32).max else np.int64
     matrix = sp.csr_matrix(
-        (np.concatenate(data_parts), np.concatenate(indices_parts).astype(index_dtype, copy=False),
-         indptr.astype(index_dtype)),
-        shape=(n_cells, n_genes),
+        (data[:filled], indices[:filled], indptr.astype(index_dtype)), shape=(n_cells, n_genes)
     )
     type_names = [f"type_{t}" for t in range(n_types)]
     obs = pd.DataFrame(
