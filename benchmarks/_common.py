@@ -399,6 +399,30 @@ def python_exe() -> str:
     return sys.executable
 
 
+# ---------------------------------------------------------------- timing helpers
+class StepClock:
+    """Trainer callback recording the time at the end of every optimizer step."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.times: list[float] = []
+
+    def on_train_batch_end(self, **_: Any) -> None:
+        sync(self.device)
+        self.times.append(time.perf_counter())
+
+
+def profile_rows(events: Any, steps: int, limit: int | None = None) -> tuple[list[dict], float]:
+    """Operators of a ``torch.profiler`` run by self CPU time per step (the ``limit`` largest),
+    and the total self time per step in ms."""
+    total = sum(e.self_cpu_time_total for e in events)
+    ranked = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:limit]
+    rows = [{"op": e.key, "calls_per_step": e.count / steps,
+             "self_ms_per_step": e.self_cpu_time_total / 1e3 / steps,
+             "share": e.self_cpu_time_total / total} for e in ranked]
+    return rows, total / 1e3 / steps
+
+
 # ------------------------------------------------------ attention comparison
 class pytorch_attention:  # noqa: N801 - used as a context manager
     """Make the library's encoder layers use PyTorch's own attention while the context is

@@ -45,7 +45,7 @@ from step.datasets import pbmc68k_counts, synthetic_counts
 from step.functionality.comps.trainer import Trainer
 from step.models import TranscriptFormer
 from step.utils.dataset import ScDataset, index_loader
-from throughput import KL_WEIGHT, LR, StepClock, epoch_rates
+from throughput import KL_WEIGHT, LR, epoch_rates
 
 BATCH_SIZE = 128
 PROFILE_ROWS = 20
@@ -73,14 +73,14 @@ def gemm_shapes(n_genes: int, arch: dict[str, Any]) -> list[tuple[int, int, int]
 
 
 def train_rate(dataset: ScDataset, arch: dict[str, Any], *, amp: str | None, epochs: int,
-               device: str, seed: int, patched: bool) -> float:
+               device: str, seed: int, pytorch_kernel: bool) -> float:
     model = TranscriptFormer(dataset.n_genes, kl_weight=KL_WEIGHT, **arch)
-    clock = StepClock(device)
+    clock = C.StepClock(device)
     trainer = Trainer(model, device=device, seed=seed, amp=amp, verbose=False,
                       callbacks=[clock], distributed=False)
     trainer.init_optimizer(lr=LR)
     loader = index_loader(dataset, BATCH_SIZE, shuffle=True, seed=seed)
-    ctx = C.pytorch_attention() if patched else contextlib.nullcontext()
+    ctx = C.pytorch_attention() if pytorch_kernel else contextlib.nullcontext()
     with ctx:
         start = time.perf_counter()
         trainer.train_batch(epochs, (loader, None))
@@ -88,7 +88,8 @@ def train_rate(dataset: ScDataset, arch: dict[str, Any], *, amp: str | None, epo
 
 
 def profile_step(dataset: ScDataset, arch: dict[str, Any], *, amp: str | None, device: str,
-                 seed: int, steps: int, patched: bool = False) -> tuple[list[dict], float]:
+                 seed: int, steps: int, pytorch_kernel: bool = False
+                 ) -> tuple[list[dict], float]:
     """Top operators (self time) over ``steps`` training steps after a warm-up."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -103,7 +104,7 @@ def profile_step(dataset: ScDataset, arch: dict[str, Any], *, amp: str | None, d
         trainer.update_model_params(trainer.handle_input_tuple(trainer.to_device(batch)))
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    ctx = C.pytorch_attention() if patched else contextlib.nullcontext()
+    ctx = C.pytorch_attention() if pytorch_kernel else contextlib.nullcontext()
     with ctx:
         for batch in batches[:3]:
             step(batch)
@@ -111,14 +112,7 @@ def profile_step(dataset: ScDataset, arch: dict[str, Any], *, amp: str | None, d
             for batch in batches:
                 step(batch)
             C.sync(device)
-    events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events)
-    rows = []
-    for e in sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:PROFILE_ROWS]:
-        rows.append({"op": e.key, "calls_per_step": e.count / len(batches),
-                     "self_ms_per_step": e.self_cpu_time_total / 1e3 / len(batches),
-                     "share": e.self_cpu_time_total / total})
-    return rows, total / 1e3 / len(batches)
+    return C.profile_rows(prof.key_averages(), len(batches), PROFILE_ROWS)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -198,19 +192,20 @@ def main(argv: list[str] | None = None) -> None:
             flops_table.add(dataset=name, architecture=label, op="total",
                             gflop_per_step=flops["total"] / 1e9)
             per_cell = flops["total"] / BATCH_SIZE
-            for amp, patched in variants:
+            for amp, pytorch_kernel in variants:
                 dtype = torch.bfloat16 if amp == "bf16" else torch.float32
                 shapes = gemm_shapes(dataset.n_genes, arch)
                 print(f"[{name}] {label}, {amp or 'fp32'}, "
-                      f"{'PyTorch attention kernel' if patched else 'as shipped'}", flush=True)
+                      f"{'PyTorch attention kernel' if pytorch_kernel else 'as shipped'}",
+                      flush=True)
                 before = gemm_peak(shapes, dtype)
                 rate = train_rate(dataset, arch, amp=amp, epochs=epochs, device=args.device,
-                                  seed=args.seed, patched=patched)
+                                  seed=args.seed, pytorch_kernel=pytorch_kernel)
                 peak = 0.5 * (before + gemm_peak(shapes, dtype))
                 achieved = per_cell * rate / 1e9
                 table.add(dataset=name, n_genes=dataset.n_genes, architecture=label,
                           precision=amp or "fp32",
-                          attention="PyTorch kernel (comparison)" if patched else
+                          attention="PyTorch kernel (comparison)" if pytorch_kernel else
                           "shipped (matmul path)",
                           mflop_per_cell=per_cell / 1e6, cells_per_s=rate,
                           achieved_gflops=achieved, peak_gflops=peak,
@@ -226,10 +221,11 @@ def main(argv: list[str] | None = None) -> None:
                 ("bf16, 3 layers / 8 heads, PyTorch attention kernel", "bf16", True)]
     step_ms = {}
     dataset = ScDataset(datasets[0][1])
-    for config, amp, patched in profiles:
+    for config, amp, pytorch_kernel in profiles:
         print(f"profiling {config}", flush=True)
         rows, ms = profile_step(dataset, C.SAME_ARCH, amp=amp, device=args.device,
-                                seed=args.seed, steps=args.profile_steps, patched=patched)
+                                seed=args.seed, steps=args.profile_steps,
+                                pytorch_kernel=pytorch_kernel)
         step_ms[config] = ms
         for row in rows:
             profile_table.add(config=config, **row)

@@ -38,8 +38,6 @@ N_GENES = 2000
 DENSITY = 0.05
 BATCH_SIZE = 128
 GiB = 2**30
-EMBEDS = ("predict",)
-EMBED_LABELS = {"predict": "Trainer.predict"}
 
 
 def _rss() -> int:
@@ -54,8 +52,7 @@ def _peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def child(n_cells: int, steps: int, device: str, threads: int, seed: int,
-          embed: str) -> dict[str, Any]:
+def child(n_cells: int, steps: int, device: str, threads: int, seed: int) -> dict[str, Any]:
     """One size, measured inside a fresh process."""
     import numpy as np
     import torch
@@ -66,8 +63,7 @@ def child(n_cells: int, steps: int, device: str, threads: int, seed: int,
     from step.models import TranscriptFormer
     from step.utils.dataset import ScDataset, index_loader
 
-    out: dict[str, Any] = {"n_cells": n_cells, "n_genes": N_GENES, "steps": steps,
-                           "embed": embed}
+    out: dict[str, Any] = {"n_cells": n_cells, "n_genes": N_GENES, "steps": steps}
     out["rss_import"] = _rss()
     t = time.perf_counter()
     adata = synthetic_counts(n_cells, N_GENES, density=DENSITY, seed=seed)
@@ -106,9 +102,9 @@ def child(n_cells: int, steps: int, device: str, threads: int, seed: int,
     return out
 
 
-def run_child(args, n_cells: int, steps: int, embed: str) -> dict[str, Any]:
+def run_child(args, n_cells: int, steps: int) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(n_cells),
-           "--steps", str(steps), "--embed", embed, "--device", args.device,
+           "--steps", str(steps), "--device", args.device,
            "--threads", str(args.threads), "--seed", str(args.seed)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=C.child_env(args.threads))
     if proc.returncode != 0:
@@ -127,13 +123,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", type=int, nargs="+",
                         help="cell counts (default: 100000, and 1000000 without --quick)")
     parser.add_argument("--steps", type=int, default=200, help="training steps per size")
-    parser.add_argument("--embed", choices=EMBEDS, nargs="+", default=list(EMBEDS),
-                        help="inference loops to measure, each in its own process")
     parser.add_argument("--child", type=int, help=argparse_hidden())
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.steps, args.device, args.threads, args.seed,
-                               args.embed[0])))
+        print(json.dumps(child(args.child, args.steps, args.device, args.threads, args.seed)))
         return
     C.setup(args)
     info = C.machine(args)
@@ -147,19 +140,16 @@ def main(argv: list[str] | None = None) -> None:
         C.Column("rss_import", "RSS after import GiB", gib),
         C.Column("rss_dataset", "RSS with data GiB", gib),
         C.Column("peak_train", "peak RSS to end of training GiB", gib),
-        C.Column("embed_label", "embedding loop"),
         C.Column("peak_rss", "peak RSS incl. embedding GiB", gib),
         C.Column("steps", "train steps", C.fmt_int),
         C.Column("train_cells_per_s", "train cells/s", C.fmt_float(0)),
         C.Column("embed_cells_per_s", "embed cells/s", C.fmt_float(0)),
     ])
     for n in sizes:
-        for embed in args.embed:
-            print(f"{n:,} cells, {EMBED_LABELS[embed]}: fresh process", flush=True)
-            row = run_child(args, n, args.steps, embed)
-            row["embed_label"] = EMBED_LABELS[embed]
-            row["train_peak_minus_import"] = row["peak_train"] - row["rss_import"]
-            table.add(**row)
+        print(f"{n:,} cells: fresh process", flush=True)
+        row = run_child(args, n, args.steps)
+        row["train_peak_minus_import"] = row["peak_train"] - row["rss_import"]
+        table.add(**row)
     firsts = {r["n_cells"]: r for r in reversed(table.rows)}
     if len(firsts) > 1:
         a, b = firsts[min(firsts)], firsts[max(firsts)]

@@ -70,13 +70,7 @@ def profile(args: Any, steps: int) -> tuple[list[dict], float]:
     with run_profiler(activities=activities) as prof:
         trainer.train_node_sampler(1, sampler, dataset, max_steps=steps, end_to_end=True)
         C.sync(args.device)
-    events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events)
-    rows = [{"op": e.key, "calls_per_step": e.count / steps,
-             "self_ms_per_step": e.self_cpu_time_total / 1e3 / steps,
-             "share": e.self_cpu_time_total / total} for e in events]
-    rows.sort(key=lambda r: r["self_ms_per_step"], reverse=True)
-    return rows, total / 1e3 / steps
+    return C.profile_rows(prof.key_averages(), steps)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -80,16 +80,6 @@ def graph_table(args) -> C.Table:
 
 
 # ------------------------------------------------------------ end-to-end speed
-class StepClock:
-    def __init__(self, device: str) -> None:
-        self.device = device
-        self.times: list[float] = []
-
-    def on_train_batch_end(self, **_: Any) -> None:
-        C.sync(self.device)
-        self.times.append(time.perf_counter())
-
-
 def train_e2e(adata, arch: dict[str, Any], *, sampler_kind: str, iterations: int, warmup: int,
               amp: str | None, device: str, seed: int) -> dict[str, Any]:
     dataset = StDataset(adata, spatial_key="spatial")
@@ -104,7 +94,7 @@ def train_e2e(adata, arch: dict[str, Any], *, sampler_kind: str, iterations: int
     torch.manual_seed(seed)
     model = TranscriptFormer(dataset.n_genes, kl_weight=SPATIAL_KL, **arch)
     model.init_smoother_with_builtin(n_layers=2)
-    clock = StepClock(device)
+    clock = C.StepClock(device)
     trainer = Trainer(model, device=device, seed=seed, amp=amp, verbose=False,
                       callbacks=[clock], distributed=False, early_stopping=False)
     trainer.init_optimizer(lr=LR)

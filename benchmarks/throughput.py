@@ -52,18 +52,6 @@ def load(name: str, seed: int):
     return synthetic_counts(n, 2000, density=0.05, seed=seed)
 
 
-class StepClock:
-    """Trainer callback recording the time at the end of every optimizer step."""
-
-    def __init__(self, device: str) -> None:
-        self.device = device
-        self.times: list[float] = []
-
-    def on_train_batch_end(self, **_: Any) -> None:
-        C.sync(self.device)
-        self.times.append(time.perf_counter())
-
-
 def epoch_rates(times: list[float], start: float, n_cells: int, steps_per_epoch: int,
                 epochs: int) -> dict[str, Any]:
     """Per-epoch seconds from step timestamps, and the steady rate (first epoch excluded)."""
@@ -82,7 +70,7 @@ def train_ours(adata, arch: dict[str, Any], *, amp: str | None, epochs: int, dev
     dataset = ScDataset(adata)
     model = TranscriptFormer(dataset.n_genes, kl_weight=KL_WEIGHT,
                              **{k: v for k, v in arch.items()})
-    clock = StepClock(device)
+    clock = C.StepClock(device)
     trainer = Trainer(model, device=device, seed=seed, amp=amp, verbose=False,
                       callbacks=[clock], distributed=False)
     trainer.init_optimizer(lr=LR)

@@ -21,7 +21,6 @@ __all__ = [
     "check_genes",
     "read_config",
     "read_state_dict",
-    "write_atomic",
     "write_config",
     "write_history",
     "write_state_dict",

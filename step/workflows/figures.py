@@ -16,7 +16,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from step.workflows._io import write_atomic
+from step.utils.files import write_atomic
 
 __all__ = ["plot_loss_curves", "plot_spatial", "plot_umap", "umap_coordinates"]
 

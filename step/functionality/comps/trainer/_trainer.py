@@ -838,7 +838,9 @@ class Trainer:
         if self.checkpoint_path is None or self.optimizer is None or not self.is_main_process:
             self._boundary_state = None
             return
-        self._boundary_state = ckpt.detached_copy(self.state_dict())
+        state = self.state_dict()
+        best = state.pop("best")  # replaced when it changes, never updated in place
+        self._boundary_state = {**ckpt.detached_copy(state), "best": dict(best)}
 
     def _on_interrupt(self, reason: str) -> None:
         """Save the state of the last completed epoch (rank 0) when training is interrupted.
