@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from step.functionality.comps.trainer import Trainer
+from step.functionality.comps.trainer import NonFiniteError, Trainer
 
 from ._toy import ToyVAE, dict_batches, toy_counts
 
@@ -58,9 +58,10 @@ def test_persistent_nan_stops_naming_the_term_and_keeps_best_finite():
     t = Trainer(ToyVAE(), seed=0, verbose=False, max_bad_steps=3, on_nonfinite="stop")
     ref.append(t)
     t.init_optimizer(lr=1e-2)
-    stopped = t.train_batch(10, (dict_batches(toy_counts(), 30, shuffle=True), None),
-                            call_func=call_func)
-    assert stopped and "kl_loss" in t.stop_reason and "non-finite" in t.stop_reason
+    with pytest.raises(NonFiniteError, match="kl_loss"):
+        t.train_batch(10, (dict_batches(toy_counts(), 30, shuffle=True), None),
+                      call_func=call_func)
+    assert "kl_loss" in t.stop_reason and "non-finite" in t.stop_reason
     assert all(torch.isfinite(p).all() for p in t.model.parameters())
     assert all(torch.isfinite(v).all() for v in t._best["state"].values())
 

@@ -7,11 +7,12 @@ from ._convergence import ConvergenceProbe
 from ._early_stopping import EarlyStopping
 from ._progress import train_loop_formatter
 from ._split import category_random_split, make_loaders
-from ._trainer import Trainer
+from ._trainer import NonFiniteError, Trainer
 
 __all__ = [
     "ConvergenceProbe",
     "EarlyStopping",
+    "NonFiniteError",
     "Trainer",
     "category_random_split",
     "make_loaders",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,8 +29,8 @@ def _params_of(model: nn.Module, name: str) -> list[nn.Parameter]:
 
 
 def _check_lr(name: str, value: float) -> float:
-    if isinstance(value, bool) or not float(value) > 0:
-        msg = f"{name} must be a positive number, got {value!r}."
+    if isinstance(value, bool) or not (float(value) > 0 and math.isfinite(float(value))):
+        msg = f"{name} must be a positive finite number, got {value!r}."
         raise ValueError(msg)
     return float(value)
 

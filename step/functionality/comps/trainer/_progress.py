@@ -150,6 +150,7 @@ def train_loop_formatter(train_func: Callable[..., Any]) -> Callable[..., Any]:
             train_func.__name__, epochs, start=start, enabled=trainer._display_enabled()
         )
         stopped = False
+        failure: Exception | None = None
         try:
             with display, _sigterm_as_interrupt():
                 for loop_epoch in range(start, epochs):
@@ -164,11 +165,14 @@ def train_loop_formatter(train_func: Callable[..., Any]) -> Callable[..., Any]:
         except NonFiniteError as err:
             stopped = True
             trainer.stop_reason = str(err)
+            failure = err
         except KeyboardInterrupt as err:
             trainer._on_interrupt(str(err) or "keyboard interrupt")
             raise
         finally:
             trainer._end_loop(stopped)
+        if failure is not None:
+            raise failure
         return stopped
 
     loop.__wrapped_epoch__ = train_func  # the one-epoch function, for introspection
