@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
 
 from step.functionality.comps.trainer import Trainer, make_loaders, seed_everything  # noqa: E402
 from step.functionality.comps.trainer import _checkpoint as ckpt  # noqa: E402
-from step.functionality.comps.trainer._progress import TrainingInterrupted  # noqa: E402
+from step.functionality.comps.trainer import TrainingInterrupted  # noqa: E402
 from step.utils.dataset import ScDataset  # noqa: E402
 from tests.trainer._toy import ToyVAE, toy_counts  # noqa: E402
 

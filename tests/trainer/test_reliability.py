@@ -63,7 +63,7 @@ def test_persistent_nan_stops_naming_the_term_and_keeps_best_finite():
                       call_func=call_func)
     assert "kl_loss" in t.stop_reason and "non-finite" in t.stop_reason
     assert all(torch.isfinite(p).all() for p in t.model.parameters())
-    assert all(torch.isfinite(v).all() for v in t._best["state"].values())
+    assert all(torch.isfinite(v).all() for v in t.fit_loop.best["state"].values())
 
 
 def _run(*args, env=None, **kw):
@@ -123,7 +123,7 @@ def test_sigterm_mid_epoch_saves_the_last_epoch_and_resumes_exactly(tmp_path):
     assert "interrupted during epoch" in out and "SIGTERM" in out and "was saved" in out
     assert out.count("interrupted during epoch") == 1
     saved = torch.load(ckpt, weights_only=True)["counters"]["epoch"]
-    assert f"the state after epoch {saved} was saved" in out
+    assert f"the state after {saved} completed epochs was saved" in out
     assert 2 <= saved < 6
 
     # the saved state is an epoch boundary: the resumed run matches the uninterrupted one

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
@@ -9,7 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from step.functionality.comps.trainer import Trainer, seed_everything, train_loop_formatter
+from step.functionality.comps.trainer import (
+    Batch,
+    BatchSource,
+    Trainer,
+    seed_everything,
+    train_loop_formatter,
+)
 
 from ._toy import ToyVAE, dict_batches, toy_counts
 
@@ -172,7 +179,7 @@ def test_nonfinite_loss_never_reaches_weights():
     assert t.n_skipped_steps == 1
     for k, v in t.model.state_dict().items():
         assert torch.equal(v, before[k]), k
-    t.max_bad_steps = 2
+    t.guard.max_bad_steps = 2
     with pytest.raises(FloatingPointError, match="recon_loss"):
         t.update_model_params({"recon_loss": w.sum() * float("inf"), "kl_loss": w.sum()})
 
@@ -241,18 +248,37 @@ def test_callback_can_request_stop():
     assert len(t.history) == 3 and "enough" in t.stop_reason
 
 
-def test_loop_formatter_wraps_custom_epoch_functions():
+def test_loop_formatter_wraps_custom_batch_sources():
+    class Twice(BatchSource):
+        def __init__(self, data):
+            super().__init__()
+            self.data = data
+
+        def batches(self):
+            for _ in range(2):
+                yield Batch(lambda: self.plan.loss(self.data), len(self.data["x"]))
+
     class MyTrainer(Trainer):
         @train_loop_formatter
-        def train_twice(self, state, data):
-            a = self.update_model_params(self.handle_input_tuple(data))
-            b = self.update_model_params(self.handle_input_tuple(data))
-            return {"total_loss": float((a + b) / 2)}, None
+        def train_twice(self, epochs: int, data: dict) -> BatchSource:
+            """Two steps per epoch on the same batch."""
+            return Twice(data)
 
     t = MyTrainer(ToyVAE(), verbose=False)
     t.init_optimizer()
     t.train_twice(4, {"x": toy_counts(8), "library": torch.ones(8)})
     assert len(t.history) == 4 and t.global_step == 8
+    assert set(t.history["loop"]) == {"train_twice"}
+    assert str(inspect.signature(MyTrainer.train_twice)) == (
+        "(self, epochs: 'int', data: 'dict') -> 'bool'")
+
+
+def test_help_shows_each_loop_s_real_signature():
+    for name, first in (("train", "X"), ("train_batch", "loaders"),
+                        ("train_graph_batch", "gloader"), ("train_node_sampler", "gloader")):
+        params = list(inspect.signature(getattr(Trainer, name)).parameters)
+        assert params[:3] == ["self", "epochs", first], (name, params)
+        assert "state" not in params
 
 
 def test_wrong_loader_contents_are_rejected():
@@ -267,7 +293,7 @@ def test_tensorboard_writer(tmp_path):
     pytest.importorskip("tensorboard")
     t = _trainer(writer=tmp_path / "tb")
     t.train_batch(2, (dict_batches(toy_counts(), 64, shuffle=True), None))
-    t.writer.flush()
+    t.logger.writer.flush()
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
 
 
@@ -282,6 +308,7 @@ def test_predict_returns_the_mean_embedding_in_eval_mode():
 
 def test_device_cache_gives_the_same_batches(pbmc_counts):
     from step.functionality.comps.trainer._device_cache import DeviceCachedLoader
+    from step.functionality.comps.trainer.sources.base import set_loader_epoch
     from step.utils.dataset import ScDataset
 
     ds = ScDataset(pbmc_counts[:200].copy())
@@ -289,9 +316,9 @@ def test_device_cache_gives_the_same_batches(pbmc_counts):
     cached = DeviceCachedLoader(train, torch.device("cpu"))
     t = Trainer(ToyVAE(n_genes=ds.n_genes), verbose=False)
     for epoch in range(2):
-        t._set_loader_epoch(train, epoch)
+        set_loader_epoch(train, epoch, seed=epoch)
         plain = list(train)
-        t._set_loader_epoch(cached, epoch)
+        set_loader_epoch(cached, epoch, seed=epoch)
         for a, b in zip(plain, cached, strict=True):
             assert torch.equal(a["x"], b["x"]) and torch.equal(a["index"], b["index"])
     with pytest.raises(ValueError, match="MiB"):

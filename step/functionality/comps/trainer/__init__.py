@@ -1,19 +1,36 @@
-"""Training of TranscriptFormer models: the Trainer, early stopping, loops and splits."""
+"""Training of TranscriptFormer models: the Trainer, its loops, early stopping and splits."""
 
 from __future__ import annotations
 
 from ._checkpoint import seed_everything
 from ._convergence import ConvergenceProbe
 from ._early_stopping import EarlyStopping
+from ._guard import NonFiniteError
 from ._progress import train_loop_formatter
+from ._signals import TrainingInterrupted
 from ._split import category_random_split, make_loaders
-from ._trainer import NonFiniteError, Trainer
+from ._trainer import Trainer
+from .sources import (
+    Batch,
+    BatchSource,
+    FullMatrixSource,
+    GraphBatchSource,
+    MiniBatchSource,
+    SubgraphSource,
+)
 
 __all__ = [
+    "Batch",
+    "BatchSource",
     "ConvergenceProbe",
     "EarlyStopping",
+    "FullMatrixSource",
+    "GraphBatchSource",
+    "MiniBatchSource",
     "NonFiniteError",
+    "SubgraphSource",
     "Trainer",
+    "TrainingInterrupted",
     "category_random_split",
     "make_loaders",
     "seed_everything",

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import pandas as pd
+import torch
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
-
-if TYPE_CHECKING:
-    from ._trainer import Trainer
 
 
 def cluster_embedding(emb: np.ndarray, n_clusters: int | None, method: str, seed: int = 0,
@@ -69,10 +68,23 @@ class ConvergenceProbe:
         self.streak = 0
         self.aris: list[float] = []
 
-    def on_train_start(self) -> None:
-        self.previous, self.streak = None, 0
+    def on_train_start(self, resumed: bool = False) -> None:
+        if not resumed:
+            self.previous, self.streak = None, 0
 
-    def on_train_epoch_end(self, trainer: Trainer, epoch: int, logs: dict) -> None:
+    def state_dict(self) -> dict[str, Any]:
+        """The last clustering, the streak and the ARIs, for checkpoints."""
+        previous = None if self.previous is None else torch.from_numpy(
+            pd.factorize(np.asarray(self.previous, dtype=object))[0].astype(np.int64))
+        return {"previous": previous, "streak": self.streak, "aris": list(self.aris)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        prev = state["previous"]
+        self.previous = None if prev is None else prev.numpy()
+        self.streak, self.aris = int(state["streak"]), [float(a) for a in state["aris"]]
+
+    def on_train_epoch_end(self, trainer: Any, epoch: int, logs: dict) -> None:
         if (epoch + 1) % self.every:
             return
         labels = cluster_embedding(trainer.predict(self.data), self.n_clusters, self.method,

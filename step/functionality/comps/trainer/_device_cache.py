@@ -34,7 +34,11 @@ class DeviceCachedLoader:
     def __len__(self) -> int:
         return len(self.sampler)
 
+    def gather(self, idx: Any) -> dict[str, torch.Tensor]:
+        """The batch of positions ``idx``, gathered on the device."""
+        rows = torch.tensor(np.asarray(idx), dtype=torch.long, device=self.device)
+        return {k: v.index_select(0, rows) for k, v in self.data.items()}
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for idx in self.sampler:
-            rows = torch.as_tensor(np.asarray(idx), dtype=torch.long, device=self.device)
-            yield {k: v.index_select(0, rows) for k, v in self.data.items()}
+            yield self.gather(idx)

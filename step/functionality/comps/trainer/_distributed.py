@@ -1,15 +1,23 @@
-"""Helpers for data-parallel training under ``torchrun`` (gloo on CPU, NCCL on GPU)."""
+"""Data-parallel helpers for ``torchrun`` (gloo on CPU, NCCL on GPU).
+
+Every process walks the same, identically seeded sequence of batches and takes every
+``world_size``-th one (:func:`round_robin`), so the shards of an epoch are disjoint and
+cover the data exactly once. Gradients are averaged with the observation count of each
+process as its weight (:func:`sync_gradients`), so a process whose last turn has no batch
+contributes nothing instead of stalling the others.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+
+T = TypeVar("T")
 
 
 def env_world_size() -> int:
@@ -18,17 +26,12 @@ def env_world_size() -> int:
 
 
 def init_distributed(device: torch.device) -> bool:
-    """Join the process group that ``torchrun`` describes; return whether it is active.
-
-    Uses NCCL for CUDA devices and gloo otherwise. Does nothing when a group already
-    exists or when the environment names a single process.
-    """
+    """Join the process group that ``torchrun`` describes; return whether it is active."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size() > 1
     if env_world_size() <= 1:
         return False
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return dist.get_world_size() > 1
 
 
@@ -45,75 +48,112 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over ranks (a no-op in a single process)."""
-    if world_size() > 1:
-        values = values.clone()
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
+def _comm_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
-def all_agree(flag: bool, device: torch.device) -> bool:
-    """True only when ``flag`` is true on every rank."""
+def any_rank(flag: bool) -> bool:
+    """True when ``flag`` is true on at least one process."""
     if world_size() == 1:
         return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    t = torch.tensor([1.0 if flag else 0.0], device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True when ``flag`` is true on at least one rank."""
-    return not all_agree(not flag, device)
+def broadcast_int(value: int) -> int:
+    """Rank 0's ``value`` on every process."""
+    if world_size() == 1:
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64, device=_comm_device())
+    dist.broadcast(t, src=0)
+    return int(t.item())
 
 
-class LossForward(nn.Module):
-    """Route ``forward`` to a model's loss method so DistributedDataParallel can wrap it."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, method: str | Callable, *args: Any, **kwargs: Any
-                ) -> Mapping[str, torch.Tensor]:
-        fn = method if callable(method) else getattr(self.model, method)
-        return fn(*args, **kwargs)
+def broadcast_model(model: nn.Module) -> None:
+    """Copy rank 0's parameters and buffers to every process."""
+    if world_size() == 1:
+        return
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor.data, src=0)
 
 
-class ShardedIndexBatches:
-    """Index batches of one rank's share of ``n`` items, reshuffled per epoch.
+def sync_rng() -> None:
+    """Give every process rank 0's torch CPU generator state.
 
-    Every rank gets the same number of batches (the permutation is padded by wrapping
-    around), as data-parallel training requires. ``set_epoch`` makes the order a function
-    of the epoch and the seed only.
+    Loaders that shuffle with the global generator then draw the same order everywhere,
+    whatever each process drew in between (e.g. dropout on batches of other sizes).
     """
+    if world_size() == 1:
+        return
+    state = torch.get_rng_state()
+    buf = state.to(_comm_device())
+    dist.broadcast(buf, src=0)
+    torch.set_rng_state(buf.cpu())
 
-    def __init__(self, n: int, batch_size: int, *, rank: int, world_size: int,
-                 shuffle: bool = True, seed: int = 0, drop_last: bool = False) -> None:
-        if n < 1 or batch_size < 1:
-            msg = f"need at least one item and batch_size >= 1; got n={n}, batch_size={batch_size}."
-            raise ValueError(msg)
-        self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
-        self.shuffle, self.seed, self.drop_last, self.epoch = shuffle, seed, drop_last, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+def sync_gradients(params: Sequence[nn.Parameter], n_obs: int, total: torch.Tensor | None
+                   ) -> torch.Tensor:
+    """Average gradients over processes, each weighted by its observation count.
 
-    def _indices(self) -> np.ndarray:
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+    Each process's loss is a mean over its ``n_obs`` observations; the result is the
+    gradient of the mean over all observations of this step. A parameter that has no
+    gradient on any process keeps none. Returns the step's total loss over all processes
+    (NaN when any process had a non-finite one, so that every process skips the step).
+    """
+    device = params[0].device
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
+    total = torch.zeros((), device=device) if total is None else total.detach().float()
+    flat = torch.cat([g.reshape(-1).float() for g in grads]) * float(n_obs)
+    tail = torch.stack([torch.tensor(float(n_obs), device=device), total * float(n_obs)])
+    buf = torch.cat([flat, has, tail])
+    if world_size() > 1:
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    count = buf[-2].clamp_min(1.0)
+    offset = 0
+    for p, g, flag in zip(params, grads, buf[len(flat):len(flat) + len(params)].tolist()):
+        n = g.numel()
+        if flag > 0:
+            p.grad = (buf[offset:offset + n] / count).view_as(p).to(p.dtype)
         else:
-            order = np.arange(self.n)
-        per_rank = -(-self.n // self.world_size)
-        order = np.resize(order, per_rank * self.world_size)  # wrap around to pad
-        return order[self.rank::self.world_size]
+            p.grad = None
+        offset += n
+    return buf[-1] / count
 
-    def __iter__(self) -> Iterator[np.ndarray]:
-        idx = self._indices()
-        stop = len(idx) - len(idx) % self.batch_size if self.drop_last else len(idx)
-        for start in range(0, stop, self.batch_size):
-            yield idx[start:start + self.batch_size]
 
-    def __len__(self) -> int:
-        per_rank = -(-self.n // self.world_size)
-        return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
+def reduce_sums(sums: Mapping[str, float], counts: Mapping[str, float]
+                ) -> tuple[dict[str, float], dict[str, float]]:
+    """Sum named totals and counts over processes (keys may differ between processes)."""
+    if world_size() == 1:
+        return dict(sums), dict(counts)
+    everyone: list[Any] = [None] * world_size()
+    dist.all_gather_object(everyone, sorted(sums))
+    keys = sorted({k for ks in everyone for k in ks})
+    t = torch.tensor([float(sums.get(k, 0.0)) for k in keys]
+                     + [float(counts.get(k, 0.0)) for k in keys], dtype=torch.float64,
+                     device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    values = t.tolist()
+    return dict(zip(keys, values[:len(keys)])), dict(zip(keys, values[len(keys):]))
+
+
+def round_robin(items: Iterable[T], *, rank: int, world: int) -> Iterator[T | None]:
+    """This process's share of ``items``: every ``world``-th one, starting at ``rank``.
+
+    Every process yields the same number of values: in the last round a process without
+    an item yields ``None`` (an empty turn).
+    """
+    if world == 1:
+        yield from items
+        return
+    n = 0
+    for i, item in enumerate(items):
+        n = i + 1
+        if i % world == rank:
+            yield item
+    if n % world and rank >= n % world:
+        yield None

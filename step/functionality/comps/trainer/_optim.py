@@ -103,3 +103,35 @@ def kl_warmup_factor(epoch: int, warmup_epochs: int) -> float:
 def default_milestones(epochs: int) -> list[int]:
     """Milestones used when none are given: half and three quarters of the run."""
     return sorted({m for m in (epochs // 2, (3 * epochs) // 4) if 0 < m < epochs})
+
+
+def build_optimizer(model: nn.Module, frozen: Sequence[nn.Parameter], *, lr: float,
+                    tune_lr: float, stage: int, tune_batch_embedding: bool,
+                    weight_decay: float) -> tuple[torch.optim.Optimizer, list[nn.Parameter]]:
+    """The Adam(W) optimizer of a stage over named groups, and the parameters it freezes.
+
+    ``frozen`` (the previous stage's frozen parameters) are made trainable again first.
+    """
+    if stage == 2 and getattr(model, "smoother", None) is None and getattr(
+            model, "anchors", None) is None:
+        msg = ("stage 2 fine-tunes a pretrained backbone under new heads, but the model has "
+               "neither a smoother nor anchors; call model.init_smoother_with_builtin() or "
+               "model.init_anchors(n_classes) first.")
+        raise ValueError(msg)
+    for p in frozen:
+        p.requires_grad_(True)
+    groups, now_frozen = stage_param_groups(model, lr=lr, tune_lr=tune_lr, stage=stage,
+                                            tune_batch_embedding=tune_batch_embedding)
+    for p in now_frozen:
+        p.requires_grad_(False)
+    groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        msg = "the model has no trainable parameters."
+        raise ValueError(msg)
+    cls = torch.optim.AdamW if weight_decay > 0 else torch.optim.Adam
+    # one fused kernel for all parameters: much faster than the per-parameter loop for
+    # the many small tensors of a transformer
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
+                for g in groups for p in g["params"])
+    return cls(groups, lr=lr, weight_decay=weight_decay, fused=fused), list(now_frozen)

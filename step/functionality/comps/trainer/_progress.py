@@ -1,14 +1,12 @@
-"""The epoch-loop decorator and its live rich display. Display code never optimises."""
+"""The epoch-loop decorator and its live rich display: rendering and dispatch only."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import signal
-import threading
+import inspect
 import math
-from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -21,9 +19,6 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
-
-if TYPE_CHECKING:
-    from ._trainer import Trainer
 
 
 def _fmt(value: float | None) -> str:
@@ -106,74 +101,30 @@ class LossDisplay:
             self.live.update(self._render())
 
 
-class TrainingInterrupted(KeyboardInterrupt):
-    """Raised inside a training loop when the process receives SIGTERM."""
+def train_loop_formatter(make_source: Callable[..., Any]) -> Callable[..., bool]:
+    """Turn a method that describes one epoch into a full epoch loop.
 
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM into :class:`TrainingInterrupted` while a loop runs (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise TrainingInterrupted("SIGTERM")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def train_loop_formatter(train_func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a one-epoch training method into an epoch loop.
-
-    The decorated method has the signature ``func(trainer, state, *args, **kwargs)`` and
-    returns ``(train_means, valid_means)`` for one epoch (``valid_means`` may be None). The
-    result is called as ``func(trainer, epochs, *args, **kwargs)``: it runs up to ``epochs``
-    epochs (continuing a resumed run where it stopped), keeps the history, early stopping,
-    schedule, callbacks and optional TensorBoard writer up to date, shows a live rich
-    display of every term unless the trainer is silent, and prints why it stopped after the
-    display closes. It returns True when training stopped early (also when non-finite
-    losses persisted). On Ctrl-C or SIGTERM the trainer's state is saved to its
-    ``checkpoint_path`` (when set) before the interruption propagates.
+    The decorated method is called as ``method(trainer, epochs, *args, **kwargs)`` and
+    returns a :class:`~step.functionality.comps.trainer.sources.BatchSource`: what one
+    epoch iterates over and how each batch's loss is computed. The decorator shows a live
+    rich display of every loss term (unless the trainer is silent or not on a terminal)
+    and hands the source to :meth:`Trainer.fit`, which runs up to ``epochs`` epochs
+    (continuing a resumed run where it stopped) with validation, early stopping, the
+    schedule, callbacks, checkpoints and interrupt handling. The loop returns True when
+    training stopped early. ``help()`` shows the method's own signature.
     """
 
-    @functools.wraps(train_func)
-    def loop(trainer: Trainer, epochs: int, *args: Any, **kwargs: Any) -> bool:
-        from ._trainer import NonFiniteError
+    @functools.wraps(make_source)
+    def loop(trainer: Any, epochs: int, *args: Any, **kwargs: Any) -> bool:
+        source = make_source(trainer, epochs, *args, **kwargs)
+        if source.name == "custom":
+            source.name = make_source.__name__
 
-        start = trainer._begin_loop(train_func.__name__, epochs)
-        display = LossDisplay(
-            train_func.__name__, epochs, start=start, enabled=trainer._display_enabled()
-        )
-        stopped = False
-        failure: Exception | None = None
-        try:
-            with display, _sigterm_as_interrupt():
-                for loop_epoch in range(start, epochs):
-                    state = trainer._begin_epoch(loop_epoch, epochs, display)
-                    train_means, valid_means = train_func(trainer, state, *args, **kwargs)
-                    stopped = trainer._end_epoch(state, train_means, valid_means)
-                    display.end_epoch(
-                        trainer._last_train, trainer._last_valid, trainer._best_values()
-                    )
-                    if stopped:
-                        break
-        except NonFiniteError as err:
-            stopped = True
-            trainer.stop_reason = str(err)
-            failure = err
-        except KeyboardInterrupt as err:
-            trainer._on_interrupt(str(err) or "keyboard interrupt")
-            raise
-        finally:
-            trainer._end_loop(stopped)
-        if failure is not None:
-            raise failure
-        return stopped
+        def display(start: int) -> LossDisplay:
+            return LossDisplay(source.name, epochs, start=start,
+                               enabled=trainer.display_enabled())
 
-    loop.__wrapped_epoch__ = train_func  # the one-epoch function, for introspection
+        return trainer.fit(source, epochs, display=display)
+
+    loop.__signature__ = inspect.signature(make_source).replace(return_annotation="bool")
     return loop

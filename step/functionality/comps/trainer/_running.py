@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -36,21 +36,16 @@ class RunningMeans:
     def __bool__(self) -> bool:
         return bool(self.counts)
 
-    def means(
-        self, prefix: str = "", reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
-    ) -> dict[str, float]:
-        """Means as floats, keys optionally prefixed (``"val_"``).
-
-        ``reduce`` combines the (sums, counts) tensor across processes before dividing.
-        """
+    def totals(self) -> tuple[dict[str, float], dict[str, float]]:
+        """Weighted sums and observation counts as floats (one host transfer)."""
         keys = sorted(self.sums)
-        if not keys and reduce is None:
-            return {}
+        if not keys:
+            return {}, {}
         sums = torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float64).cpu()
-                            for k in keys]) if keys else torch.zeros(0, dtype=torch.float64)
-        counts = torch.tensor([float(self.counts[k]) for k in keys], dtype=torch.float64)
-        both = torch.cat([sums, counts])
-        if reduce is not None:
-            both = reduce(both)
-        sums, counts = both[: len(keys)], both[len(keys):]
-        return {f"{prefix}{k}": s / c for k, s, c in zip(keys, sums.tolist(), counts.tolist())}
+                            for k in keys]).tolist()
+        return dict(zip(keys, sums)), {k: float(self.counts[k]) for k in keys}
+
+    def means(self, prefix: str = "") -> dict[str, float]:
+        """Means as floats, keys optionally prefixed (``"val_"``)."""
+        sums, counts = self.totals()
+        return {f"{prefix}{k}": sums[k] / counts[k] for k in sums}

@@ -76,8 +76,12 @@ def _make_rng(seed: int | np.random.Generator | None) -> np.random.Generator:
     if isinstance(seed, np.random.Generator):
         return seed
     if seed is None:
-        # draw from numpy's global state so that a seeded session stays reproducible
-        seed = int(np.random.randint(0, 2**31 - 1))
+        # draw from numpy's global state so that a seeded session stays reproducible;
+        # under data-parallel training every process takes rank 0's draw, so that all
+        # share one split
+        from . import _distributed as ddp
+
+        seed = ddp.broadcast_int(int(np.random.randint(0, 2**31 - 1)))
     return np.random.default_rng(seed)
 
 
@@ -132,15 +136,10 @@ def make_loaders(
 
     The validation loader is ``None`` when ``split_rate`` is 0. Extra keyword arguments go
     to :func:`step.utils.dataset.index_loader`. Under data-parallel training (an initialised
-    process group) every process gets its own shard of each split, with the same number
-    of batches on every rank.
+    process group) every process draws the same split, even without a seed, and the
+    Trainer's loops give each process its own share of the batches.
     """
     from step.utils.dataset import index_loader
-
-    from . import _distributed as ddp
-
-    if ddp.world_size() > 1:
-        index_loader = _sharded_loader  # noqa: F811
 
     if isinstance(batch_size, bool) or int(batch_size) < 1:
         msg = f"batch_size must be a positive integer, got {batch_size!r}."
@@ -154,20 +153,3 @@ def make_loaders(
     valid_loader = index_loader(valid, batch_size, shuffle=False, **kwargs)
     return train_loader, valid_loader
 
-
-def _identity(batch: Any) -> Any:
-    return batch
-
-
-def _sharded_loader(dataset: Any, batch_size: int, *, shuffle: bool = True,
-                    seed: int | None = None, drop_last: bool = False, **kwargs: Any
-                    ) -> DataLoader:
-    """An index-batch loader over this process's shard of ``dataset``."""
-    from torch.utils.data import DataLoader
-
-    from . import _distributed as ddp
-
-    batches = ddp.ShardedIndexBatches(
-        len(dataset), batch_size, rank=ddp.rank(), world_size=ddp.world_size(),
-        shuffle=shuffle, seed=0 if seed is None else seed, drop_last=drop_last)
-    return DataLoader(dataset, batch_size=None, sampler=batches, collate_fn=_identity, **kwargs)

@@ -1,1 +1,0 @@
-"""One-epoch functions behind the Trainer's four training loops."""
