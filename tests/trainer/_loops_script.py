@@ -101,7 +101,11 @@ def validation_both_ways(trainer: Trainer, loop: str, loop_args: tuple, built: t
     else:
         graphs = loop_args[0] if loop == "graph" else built[3]
         dataset, valid_ind = loop_args[1], loop_args[3]
+        if hasattr(graphs, "set_epoch"):
+            graphs.set_epoch(0)  # both evaluations see the same sampled neighbourhoods
         sharded = trainer.validate_gloader(graphs, dataset, valid_ind)
+        if hasattr(graphs, "set_epoch"):
+            graphs.set_epoch(0)
         source = GraphBatchSource(graphs, dataset, None, valid_ind, evaluate_only=True)
     source.bind(trainer.plan, Shard())  # every process evaluates every batch
     return sharded, trainer.evaluator.run(source.validation_batches())
@@ -117,6 +121,8 @@ def main() -> int:
     p.add_argument("--kill-epoch", type=int, default=-1)
     p.add_argument("--kill-signal", default="KILL")
     p.add_argument("--unseeded", action="store_true", help="no seeds anywhere (torchrun)")
+    p.add_argument("--split-first", action="store_true",
+                   help="draw the split before the trainer joins the process group")
     args = p.parse_args()
     torch.set_num_threads(1)
     rank = int(os.environ.get("RANK", "0"))
@@ -125,11 +131,9 @@ def main() -> int:
     else:
         seed_everything(100 + rank)  # every process draws differently unless shared
 
-    built = build(args.loop, seeded_split=not args.unseeded)
-    dataset, loop_args, train_items = built[:3]
-    probe = ConvergenceProbe(dataset, every=2, threshold=0.999, patience=10, n_clusters=3)
+    built = build(args.loop, seeded_split=not args.unseeded) if args.split_first else None
     coverage = Coverage()
-    callbacks = [probe, coverage]
+    callbacks: list = [coverage]
     if args.kill_epoch >= 0:
         callbacks.append(Killer(args.kill_epoch, args.kill_signal))
     stopping = {"recon_loss": (3, 1e-3)} if not args.unseeded else {"total_loss": (2, 0.3)}
@@ -138,6 +142,12 @@ def main() -> int:
                       callbacks=callbacks, early_stopping=stopping,
                       stop_rule="total_loss" if args.unseeded else "all",
                       kl_warmup_epochs=4)
+    # the trainer joins the process group first, so that a split drawn without a seed is
+    # drawn once and shared
+    built = built or build(args.loop, seeded_split=not args.unseeded)
+    dataset, loop_args, train_items = built[:3]
+    probe = ConvergenceProbe(dataset, every=2, threshold=0.999, patience=10, n_clusters=3)
+    trainer.callbacks.insert(0, probe)
     trainer.init_optimizer(lr=1e-2)
     trainer.set_lr_scheduler(milestones=[3, 5], gamma=0.5)
     if args.resume:

@@ -94,5 +94,5 @@ def test_checkpoint_metadata_and_version_are_checked(tmp_path, monkeypatch):
     import step
 
     monkeypatch.setattr(step, "__version__", "9.0.0")
-    with pytest.raises(ValueError, match="written by step 0.1"):
+    with pytest.raises(ValueError, match="written by step 0.2"):
         Trainer(ToyVAE(), verbose=False).load_checkpoint(tmp_path / "c.pt")

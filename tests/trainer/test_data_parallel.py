@@ -26,15 +26,19 @@ def _load(path: Path) -> dict:
         return json.load(fh)
 
 
-@pytest.mark.parametrize("loop", ["full", "mini", "graph", "sampler"])
-def test_two_processes_share_the_work_and_agree(loop, tmp_path):
+def _torchrun(loop: str, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     torchrun = str(TORCHRUN) if TORCHRUN.exists() else shutil.which("torchrun")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
+    return subprocess.run(
         [torchrun, "--standalone", "--nproc_per_node=2", str(SCRIPT), "--loop", loop,
          "--unseeded", "--epochs", "12", "--ckpt", str(tmp_path / "run.pt"),
-         "--out", str(tmp_path / "out.json")],
+         "--out", str(tmp_path / "out.json"), *extra],
         env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("loop", ["full", "mini", "graph", "sampler"])
+def test_two_processes_share_the_work_and_agree(loop, tmp_path):
+    proc = _torchrun(loop, tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     r0, r1 = _load(tmp_path / "out.json"), _load(tmp_path / "out.json.rank1")
     assert r0["world"] == r1["world"] == 2
@@ -54,3 +58,11 @@ def test_two_processes_share_the_work_and_agree(loop, tmp_path):
     for key, value in r0["val_whole"].items():
         assert r0["val_sharded"][key] == pytest.approx(value, rel=1e-5), key
     assert (tmp_path / "run.pt").exists() and not list(tmp_path.glob("*.tmp*"))
+
+
+def test_processes_with_different_splits_are_refused(tmp_path):
+    # an unseeded split drawn before the trainer joins the process group differs
+    proc = _torchrun("mini", tmp_path, "--split-first")
+    assert proc.returncode != 0
+    assert "the processes hold different training cells" in proc.stderr
+    assert not (tmp_path / "out.json").exists()

@@ -141,6 +141,24 @@ def reduce_sums(sums: Mapping[str, float], counts: Mapping[str, float]
     return dict(zip(keys, values[:len(keys)])), dict(zip(keys, values[len(keys):]))
 
 
+def check_same(what: str, values: Any) -> None:
+    """Refuse to go on when processes hold different ``values`` (e.g. another split)."""
+    if world_size() == 1:
+        return
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha1(np.ascontiguousarray(np.asarray(values)).tobytes()).hexdigest()
+    everyone: list[Any] = [None] * world_size()
+    dist.all_gather_object(everyone, digest)
+    if len(set(everyone)) > 1:
+        msg = (f"the processes hold different {what}; draw the split after creating the "
+               "Trainer (it joins the process group, and splits drawn then are shared) or "
+               "pass the same seed on every process.")
+        raise ValueError(msg)
+
+
 def round_robin(items: Iterable[T], *, rank: int, world: int) -> Iterator[T | None]:
     """This process's share of ``items``: every ``world``-th one, starting at ``rank``.
 

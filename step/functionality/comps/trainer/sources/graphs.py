@@ -70,6 +70,10 @@ class GraphBatchSource(BatchSource):
     def bind(self, plan: Any, shard: Shard) -> None:
         super().bind(plan, shard)
         plan.require("graph_loss", self.name)
+        if shard.world > 1:
+            ddp.check_same("training nodes", self.train_mask.numpy())
+            if self.valid_mask is not None:
+                ddp.check_same("validation nodes", self.valid_mask.numpy())
 
     def set_epoch(self, epoch: int, seed: int) -> None:
         set_loader_epoch(self.gloader, epoch, seed)

@@ -69,6 +69,11 @@ class MiniBatchSource(BatchSource):
         super().bind(plan, shard)
         if self.call_func is None:
             plan.require("loss", "train_batch")
+        if shard.world > 1:
+            for part, loader in (("training", self.train_loader), ("validation", self.valid_loader)):
+                ids = getattr(getattr(loader, "dataset", None), "indices", None)
+                if ids is not None:
+                    ddp.check_same(f"{part} cells", ids)
         if self.cache_on_device:
             for loader in (self.train_loader, self.valid_loader):
                 if loader is not None and id(loader) not in self._caches:
@@ -160,6 +165,9 @@ class FullMatrixSource(BatchSource):
         super().bind(plan, shard)
         if self.call_func is None:
             plan.require("loss", "train")
+        for part, ind in (("training rows", self.train_ind), ("validation rows", self.valid_ind)):
+            if shard.world > 1 and ind is not None:
+                ddp.check_same(part, np.asarray(ind, dtype=np.int64))
 
     def _own(self, ind: Any) -> Batch:
         n = len(self.inputs()["x"])
