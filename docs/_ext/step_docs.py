@@ -173,6 +173,16 @@ if os.environ.get("STEP_DOCS_TUTORIAL_OUT"):
 """
 
 
+_NOTE = """\
+```{note}
+This page was executed while the documentation was built, in quick mode: a short
+training run on a small model. Its numbers and figures show what the code does, not how
+well a fully trained model performs; run the script without `--quick` for that. The
+download button above gives you the script.
+```
+"""
+
+
 def read_tutorial(text: str) -> nbformat.NotebookNode:
     """Read a tutorial script (jupytext percent format) as a notebook for the docs.
 
@@ -188,6 +198,7 @@ def read_tutorial(text: str) -> nbformat.NotebookNode:
     cell.metadata["tags"] = ["remove-cell"]
     position = next((i for i, c in enumerate(notebook.cells) if c.cell_type == "code"), 0)
     notebook.cells.insert(position, cell)
+    notebook.cells.insert(1, nbformat.v4.new_markdown_cell(_NOTE))
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
                                        "language": "python"}
     return notebook
