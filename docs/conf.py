@@ -69,7 +69,7 @@ napoleon_preprocess_types = False
 # rendered as notebooks, executed in quick mode during the build. Results are cached in
 # .jupyter_cache/ and reused only while neither the tutorial nor the package's code has
 # changed (see step_docs.read_tutorial). ``-D nb_execution_mode=force`` runs them anew.
-TUTORIAL_PAGES = copy_tutorials(HERE)
+copy_tutorials(HERE)
 source_suffix = {".rst": "restructuredtext", ".py": "myst-nb"}
 nb_custom_formats = {".py": "step_docs.read_tutorial"}
 nb_execution_mode = "cache"

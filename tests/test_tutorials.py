@@ -44,6 +44,7 @@ class Run:
 def _docs_test_module():
     spec = importlib.util.spec_from_file_location("_step_test_docs", ROOT / "tests" / "test_docs.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
