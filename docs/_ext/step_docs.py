@@ -70,11 +70,12 @@ class _ApiDirective(SphinxDirective):
     required_arguments = 1
     has_content = False
 
-    def _parse(self, lines: list[str]) -> list[nodes.Node]:
-        container = nodes.section() if self.name == "api-members" else nodes.container()
+    def _parse(self, lines: list[str], container: nodes.Element | None = None
+               ) -> list[nodes.Node]:
+        holder = nodes.section() if container is None else container
         content = StringList(lines, source=self.get_source_info()[0])
-        nested_parse_with_titles(self.state, content, container)
-        return container.children
+        nested_parse_with_titles(self.state, content, holder)
+        return [container] if container is not None else holder.children
 
     def _register(self, module_name: str) -> None:
         module = importlib.import_module(module_name)
@@ -85,13 +86,21 @@ class ApiSummary(_ApiDirective):
     """A table of every name in the module's ``__all__``, linked to its entry."""
 
     def run(self) -> list[nodes.Node]:
-        module = self.arguments[0]
-        self._register(module)
+        module_name = self.arguments[0]
+        self._register(module_name)
+        module = importlib.import_module(module_name)
+        names = _public_names(module_name)
+        # constants have no docstring of their own: listed by name, not in the table
+        data = [n for n in names if _directive_for(getattr(module, n)) == "autodata"]
         # autosummary wants names relative to the current module, when it is this one
-        prefix = "" if self.env.ref_context.get("py:module") == module else f"~{module}."
+        here = self.env.ref_context.get("py:module") == module_name
+        prefix = "" if here else f"~{module_name}."
         lines = [".. autosummary::", ""]
-        lines += [f"   {prefix}{name}" for name in _public_names(module)]
-        return self._parse(lines)
+        lines += [f"   {prefix}{name}" for name in names if name not in data]
+        if data:
+            refs = ", ".join(f":data:`{prefix}{name}`" for name in data)
+            lines += ["", f"Constants: {refs}."]
+        return self._parse(lines, nodes.container(classes=["api-summary"]))
 
 
 class ApiMembers(_ApiDirective):
