@@ -41,6 +41,8 @@ def build_docs(config: pytest.Config, tmp_path_factory: pytest.TempPathFactory) 
     for name in DOCS_PACKAGES:
         pytest.importorskip(name)
     built = getattr(config, "_step_docs_html", None)
+    if isinstance(built, str):
+        pytest.fail(built)  # the build failed earlier in this session; not run again
     if built is not None:
         return built
     root = tmp_path_factory.mktemp("docs")
@@ -59,7 +61,9 @@ def build_docs(config: pytest.Config, tmp_path_factory: pytest.TempPathFactory) 
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
     seconds = time.perf_counter() - started
-    assert proc.returncode == 0, f"sphinx-build failed:\n{proc.stderr[-8000:]}"
+    if proc.returncode != 0:
+        config._step_docs_html = f"sphinx-build failed:\n{proc.stderr[-8000:]}"  # type: ignore[attr-defined]
+        pytest.fail(config._step_docs_html)  # type: ignore[attr-defined]
     (root / "build-seconds.txt").write_text(f"{seconds:.1f}\n")
     config._step_docs_html = out  # type: ignore[attr-defined]
     return out
