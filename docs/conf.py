@@ -79,7 +79,6 @@ nb_execution_in_temp = True
 nb_execution_raise_on_error = True
 nb_execution_show_tb = True
 nb_merge_streams = True
-myst_enable_extensions: list[str] = []
 # the kernel imports this checkout's step, uses one thread per process like the
 # benchmarks, and shows figures inline
 os.environ["PYTHONPATH"] = os.pathsep.join(
@@ -95,7 +94,6 @@ exclude_patterns = ["_build", ".jupyter_cache", "_ext", "conf.py", "**/.ipynb_ch
 html_theme = "sphinx_book_theme"
 html_static_path: list[str] = []
 html_title = f"step {release}"
-html_last_updated_fmt = None
 html_show_sourcelink = True
 html_copy_source = True
 html_theme_options = {
