@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
+from pathlib import Path
 
-sys.path.insert(0, os.path.abspath(".."))
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE / "_ext"))
 
 import step  # noqa: E402
+from step_docs import copy_tutorials  # noqa: E402
 
 project = "step"
 author = "the step developers"
@@ -21,6 +25,8 @@ extensions = [
     "sphinx.ext.autosummary",
     "sphinx.ext.napoleon",
     "sphinx.ext.viewcode",
+    "myst_nb",
+    "step_docs",
 ]
 
 # Offline build: no intersphinx. References to our own objects must resolve; references
@@ -58,14 +64,52 @@ napoleon_use_rtype = False
 napoleon_use_param = True
 napoleon_preprocess_types = False
 
+# ---------------------------------------------------------------- executed tutorials
+# The tutorial scripts (jupytext percent format) are copied into tutorials/ here and
+# rendered as notebooks, executed in quick mode during the build. Results are cached in
+# .jupyter_cache/ and reused only while neither the tutorial nor the package's code has
+# changed (see step_docs.read_tutorial). ``-D nb_execution_mode=force`` runs them anew.
+copy_tutorials(HERE)
+source_suffix = {".rst": "restructuredtext", ".py": "myst-nb"}
+nb_custom_formats = {".py": "step_docs.read_tutorial"}
+nb_execution_mode = "cache"
+nb_execution_cache_path = str(HERE / ".jupyter_cache")
+nb_execution_timeout = 600
+nb_execution_in_temp = True
+nb_execution_raise_on_error = True
+nb_execution_show_tb = True
+nb_merge_streams = True
+# the kernel imports this checkout's step, uses one thread per process like the
+# benchmarks, and shows figures inline
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ.pop("MPLBACKEND", None)
+
 templates_path: list[str] = []
-exclude_patterns = ["_build"]
-html_theme = "alabaster"
+exclude_patterns = ["_build", ".jupyter_cache", "_ext", "conf.py", "**/.ipynb_checkpoints"]
+
+# ---------------------------------------------------------------- theme
+html_theme = "sphinx_book_theme"
 html_static_path: list[str] = []
 html_title = f"step {release}"
+html_show_sourcelink = True
+html_copy_source = True
 html_theme_options = {
-    "description": "TranscriptFormer training for single-cell and spatial transcriptomics",
-    "fixed_sidebar": True,
+    # no public repository: the download button serves each page's source (the
+    # tutorial script for a tutorial) and a print view, and works offline
+    "use_download_button": True,
+    "use_fullscreen_button": True,
+    "use_repository_button": False,
+    "use_source_button": False,
+    "use_edit_page_button": False,
+    "use_issues_button": False,
+    "show_toc_level": 2,
+    "navigation_with_keys": False,
+    "home_page_in_toc": True,
+    "extra_footer": f"<p>step {release}: TranscriptFormer training for single-cell "
+                    "and spatial transcriptomics.</p>",
 }
 
 
@@ -88,30 +132,6 @@ def _restore_property_text(app, what, name, obj, options, lines):
 _saved: dict[str, list[str]] = {}
 
 
-def _resolve_reexport(app, env, node, contnode):
-    """Resolve ``step.pkg.name`` to the documented ``step.pkg.module.name``.
-
-    Public names are re-exported by their packages (``step.utils.prepare_counts``) but
-    documented where they are defined (``step.utils.preprocess.prepare_counts``);
-    docstrings may use either path.
-    """
-    if node.get("refdomain") != "py":
-        return None
-    module, _, name = node.get("reftarget", "").rpartition(".")
-    if not module.startswith("step"):
-        return None
-    try:
-        obj = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        return None
-    home = getattr(obj, "__module__", None)
-    if not home or home == module:
-        return None
-    return env.get_domain("py").resolve_xref(
-        env, node["refdoc"], app.builder, node["reftype"], f"{home}.{name}", node, contnode)
-
-
 def setup(app):
-    app.connect("missing-reference", _resolve_reexport)
     app.connect("autodoc-process-docstring", _keep_property_text, priority=100)
     app.connect("autodoc-process-docstring", _restore_property_text, priority=900)

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import re
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
 import pytest
 
-pytest.importorskip("sphinx")
-
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
+#: what the build needs besides Sphinx: executing and rendering the tutorials, the theme
+DOCS_PACKAGES = ("sphinx", "myst_nb", "jupytext", "ipykernel", "sphinx_book_theme")
+TUTORIAL_PAGES = sorted(f"tutorials/{p.stem}" for p in (ROOT / "tutorials").glob("[0-9][0-9]_*.py"))
 PUBLIC_MODULES = (
     "step.functionality.comps.trainer",
     "step.models",
@@ -26,17 +29,49 @@ PUBLIC_MODULES = (
 )
 
 
-@pytest.fixture(scope="module")
-def html(tmp_path_factory) -> Path:
-    """Build the HTML documentation once; any warning fails the build."""
-    out = tmp_path_factory.mktemp("docs") / "html"
+def build_docs(config: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Build the HTML documentation once per test session; any warning fails the build.
+
+    The build executes every tutorial in quick mode (``-D nb_execution_mode=force``: the
+    execution cache is not used, so the code under test runs); the files the tutorials
+    write are kept in ``<build>/tutorial-outputs/<default output folder>`` and the
+    executed notebooks in ``<build>/jupyter_execute/tutorials``. ``tests/test_tutorials.py``
+    checks both, so the tutorials run once for both test files.
+    """
+    for name in DOCS_PACKAGES:
+        pytest.importorskip(name)
+    built = getattr(config, "_step_docs_html", None)
+    if isinstance(built, str):
+        pytest.fail(built)  # the build failed earlier in this session; not run again
+    if built is not None:
+        return built
+    root = tmp_path_factory.mktemp("docs")
+    out = root / "html"
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "STEP_DOCS_TUTORIAL_OUT": str(root / "tutorial-outputs"),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    started = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html",
-         str(DOCS), str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+         "-D", "nb_execution_mode=force", str(DOCS), str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
-    assert proc.returncode == 0, f"sphinx-build failed:\n{proc.stderr[-8000:]}"
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        config._step_docs_html = f"sphinx-build failed:\n{proc.stderr[-8000:]}"  # type: ignore[attr-defined]
+        pytest.fail(config._step_docs_html)  # type: ignore[attr-defined]
+    (root / "build-seconds.txt").write_text(f"{seconds:.1f}\n")
+    config._step_docs_html = out  # type: ignore[attr-defined]
     return out
+
+
+@pytest.fixture(scope="module")
+def html(request, tmp_path_factory) -> Path:
+    return build_docs(request.config, tmp_path_factory)
 
 
 def _documented(html: Path) -> set[str]:
@@ -54,8 +89,70 @@ def _documented(html: Path) -> set[str]:
 def test_docs_build_without_warnings(html):
     for page in ("index", "installation", "quickstart", "tutorials", "guide/trainer",
                  "guide/spatial", "guide/data", "api/index", "api/trainer", "differences",
-                 "benchmarks"):
+                 "benchmarks", "troubleshooting", "changelog", "workflows/index",
+                 "workflows/single_cell", "workflows/integration", "workflows/spatial",
+                 "search", *TUTORIAL_PAGES):
         assert (html / f"{page}.html").is_file(), page
+    assert len(TUTORIAL_PAGES) >= 4
+
+
+def test_pages_show_the_package_version(html):
+    import step
+
+    for page in ("index", "tutorials", "api/trainer"):
+        assert f"step {step.__version__}" in (html / f"{page}.html").read_text(), page
+
+
+def _images(page: Path) -> list[str]:
+    """Sources of the images on a page whose data is embedded or copied into the build."""
+    found = []
+    for src in re.findall(r"<img\b[^>]*\bsrc=\"([^\"]+)\"", page.read_text()):
+        if src.startswith("data:image/") or (src.endswith((".png", ".svg", ".jpg"))
+                                             and (page.parent / src).is_file()):
+            found.append(src)
+    return found
+
+
+@pytest.mark.parametrize("page", TUTORIAL_PAGES)
+def test_tutorial_pages_show_executed_output_and_figures(html, page):
+    path = html / f"{page}.html"
+    text = path.read_text()
+    assert _images(path), f"{page} shows no figure"
+    outputs = re.findall(r'<div class="cell_output docutils container">(.*?)</div>\s*</div>',
+                         text, flags=re.S)
+    assert len(outputs) >= 3, f"{page} shows no executed output"
+    assert "Traceback" not in text and "output error" not in text
+    assert "step sources:" not in text, "the build's own setup cell is hidden"
+
+
+def test_tutorial_pages_offer_their_script(html):
+    for page in TUTORIAL_PAGES:
+        text = (html / f"{page}.html").read_text()
+        source = f"_sources/{page}.py"
+        assert f'href="../{source}"' in text, page
+        assert (html / source).read_text() == (ROOT / f"{page}.py").read_text(), page
+
+
+def test_workflow_pages_link_their_tutorials(html):
+    for page, tutorial in (("single_cell", "01_single_cell_embedding"),
+                           ("integration", "02_integration_and_refinement"),
+                           ("spatial", "03_spatial_domains")):
+        text = (html / "workflows" / f"{page}.html").read_text()
+        assert f'href="../tutorials/{tutorial}.html' in text, page
+        assert _images(html / "tutorials" / f"{tutorial}.html"), tutorial
+
+
+def test_api_pages_summarise_every_public_name(html):
+    pages = {"step.functionality.comps.trainer": "trainer", "step.models": "models",
+             "step.utils": "utils", "step.graph": "graph", "step.datasets": "datasets",
+             "step.workflows": "workflows"}
+    for module in _public_modules():
+        text = (html / "api" / f"{pages[module.__name__]}.html").read_text()
+        summary = re.search(r'<div class="api-summary docutils container">.*?</table>'
+                            r'(?:\s*</div>)?(?:\s*<p>.*?</p>)?', text, flags=re.S)
+        assert summary, module.__name__
+        for name in module.__all__:
+            assert f">{name}<" in summary[0], f"{module.__name__}.{name}"
 
 
 def _public_modules():

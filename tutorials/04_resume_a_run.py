@@ -21,8 +21,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
+import matplotlib
+
+if "ipykernel" not in sys.modules:  # a script writes figures to files, no window
+    matplotlib.use("Agg")
+import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
@@ -190,6 +196,24 @@ print(both.to_string(index=False, float_format=lambda v: f"{v:.6g}"))
 print("histories and weights are identical")
 
 # %% [markdown]
+# The same comparison as a picture: the validation loss of the uninterrupted run, and
+# of the second run before the interruption and after resuming from the checkpoint.
+
+# %%
+before = interrupted.history
+after = resumed.history[resumed.history["epoch"] >= len(before)]
+fig, ax = plt.subplots(figsize=(6, 3.4))
+ax.plot(a["epoch"], a["val_total_loss"], lw=6, alpha=0.3, c="grey", label="uninterrupted")
+ax.plot(before["epoch"], before["val_total_loss"], "o", label="before the interruption")
+ax.plot(after["epoch"], after["val_total_loss"], "s", label="after resuming")
+ax.axvline(len(before) - 0.5, ls="--", c="k", lw=0.8)
+ax.set_xlabel("epoch")
+ax.set_ylabel("val_total_loss")
+ax.legend()
+fig.tight_layout()
+fig.savefig(OUT / "resume.png", dpi=120)
+
+# %% [markdown]
 # ## Save the results
 #
 # The history is a pandas DataFrame, so it can be written to CSV (or Parquet) as is.
@@ -197,7 +221,7 @@ print("histories and weights are identical")
 # %%
 resumed.history.to_csv(OUT / "history.csv", index=False)
 torch.save(resumed.model.state_dict(), OUT / "model.pt")
-print(f"wrote {OUT / 'history.csv'} and {OUT / 'model.pt'}")
+print(f"wrote {OUT / 'history.csv'}, {OUT / 'resume.png'} and {OUT / 'model.pt'}")
 
 # %% [markdown]
 # ## In a real job
