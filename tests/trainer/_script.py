@@ -31,6 +31,7 @@ def main() -> int:
     p.add_argument("--sleep", type=float, default=0.0)
     p.add_argument("--batch-sleep", type=float, default=0.0)
     p.add_argument("--diverging-rank", type=int, default=-1)
+    p.add_argument("--batch-size", type=int, default=16)
     args = p.parse_args()
     torch.set_num_threads(1)
 
@@ -61,7 +62,7 @@ def main() -> int:
                       early_stopping={"recon_loss": (3, 0.0)}, stop_rule="recon_loss",
                       restore_best=False)
     trainer.init_optimizer(lr=1e-2)
-    loaders = make_loaders(dataset, 16, split_rate=0.25, seed=0)
+    loaders = make_loaders(dataset, args.batch_size, split_rate=0.25, seed=0)
 
     call_func = None
     rank = int(os.environ.get("RANK", "0"))

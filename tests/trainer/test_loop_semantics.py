@@ -131,3 +131,39 @@ def test_an_early_stopped_run_stays_stopped(tmp_path):
     assert any("already finished" in m and "early stop" in m for m in said)
     for k, v in again.model.state_dict().items():
         assert torch.equal(v, weights[k]), k
+
+
+def test_steps_per_epoch_bounds_epochs_and_resumes_exactly(tmp_path):
+    x = toy_counts(160)
+
+    def run(epochs, resume=None, stop_after=None):
+        seed_everything(2)
+        t = Trainer(ToyVAE(dropout=0.2), seed=2, verbose=False, restore_best=False,
+                    checkpoint_path=tmp_path / f"{stop_after}.pt", checkpoint_every=1)
+        t.init_optimizer(lr=1e-2)
+        t.set_lr_scheduler(milestones=[3])
+        loaders = (dict_batches(x[:128], 8, shuffle=True, seed=2),
+                   dict_batches(x[128:], 32, shuffle=False))
+        seen = []
+        t.callbacks.append(type("Seen", (), {"on_train_batch_end": lambda self, batch:
+                                             seen.append(batch.n_obs)})())
+        if resume:
+            t.load_checkpoint(resume)
+        t.train_batch(stop_after or epochs, loaders, steps_per_epoch=3)
+        return t, seen
+
+    full, seen = run(5)
+    assert full.global_step == 15 and len(full.history) == 5 and len(seen) == 15
+    part, _ = run(5, stop_after=2)
+    resumed, _ = run(5, resume=tmp_path / "2.pt")
+    assert resumed.global_step == 15
+    def rows(t):
+        return t.history.drop(columns="seconds").to_dict("records")
+
+    assert rows(resumed) == rows(full)
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        full.train_batch(1, full_loaders := (dict_batches(x, 8, shuffle=False), None),
+                         steps_per_epoch=0)
+    del full_loaders

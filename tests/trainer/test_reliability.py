@@ -80,7 +80,8 @@ def _weights(path):
                     reason="torchrun not available")
 def test_torchrun_two_processes_agree_and_only_rank0_writes(tmp_path):
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    single = _run("--epochs", "12", "--out", str(tmp_path / "single.json"))
+    # one process with the global batch of two processes of 16 cells each
+    single = _run("--epochs", "12", "--batch-size", "32", "--out", str(tmp_path / "single.json"))
     assert single.returncode == 0, single.stderr
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
@@ -105,5 +106,5 @@ def test_torchrun_two_processes_agree_and_only_rank0_writes(tmp_path):
     c0, c1 = torchrun_run("clean")
     one = _weights(tmp_path / "single.json")
     assert c0["weights"] == c1["weights"]
-    assert min(c0["val_recon"]) < 1.25 * min(one["val_recon"])
+    assert min(c0["val_recon"]) < 1.1 * min(one["val_recon"])
     assert math.isfinite(c0["val_recon"][-1])

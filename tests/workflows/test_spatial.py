@@ -157,7 +157,7 @@ class _InterruptAt:
         self.loop_epoch = loop_epoch
 
     def on_train_epoch_start(self, trainer) -> None:
-        if trainer.stage == 2 and trainer._loop_epoch == self.loop_epoch:
+        if trainer.stage == 2 and trainer.fit_loop.loop_epoch == self.loop_epoch:
             raise KeyboardInterrupt
 
 

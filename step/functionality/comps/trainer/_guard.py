@@ -75,7 +75,8 @@ class NonFiniteGuard:
             optimizer.load_state_dict(self.good_state["optimizer"])
             if lower_lrs(0.5):
                 self.n_rollbacks += 1
-                self.say(f"{streak} consecutive non-finite steps in {what} at epoch {epoch}: "
+                self.say(f"{streak} consecutive non-finite steps in {what} during epoch "
+                         f"{epoch + 1}: "
                          "rolled back to the last good state and halved the learning rates "
                          f"(rollback {self.n_rollbacks}/{self.max_rollbacks}).")
                 return
@@ -86,8 +87,8 @@ class NonFiniteGuard:
             why = f"all {self.max_rollbacks} rollbacks were used"
         else:
             why = "on_nonfinite='stop'"
-        msg = (f"training diverged at epoch {epoch}: {streak} consecutive steps had non-finite "
-               f"values in {what}, and {why}. Lower the learning rate, set grad_clip, or "
+        msg = (f"training diverged during epoch {epoch + 1}: {streak} consecutive steps had "
+               f"non-finite values in {what}, and {why}. Lower the learning rate, set grad_clip, or "
                "check the input counts.")
         raise NonFiniteError(msg)
 

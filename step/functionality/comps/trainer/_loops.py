@@ -30,14 +30,17 @@ class LoopMethods:
         return FullMatrixSource(X, train_ind, valid_ind, call_func, kwargs)
 
     @train_loop_formatter
-    def train_batch(self, epochs: int, loaders: Any, call_func: Callable | None = None
-                    ) -> BatchSource:
+    def train_batch(self, epochs: int, loaders: Any, call_func: Callable | None = None, *,
+                    steps_per_epoch: int | None = None) -> BatchSource:
         """Mini-batch training over ``loaders = (train_loader, valid_loader)``.
 
         Validation runs after each epoch when a validation loader is given (it may be
-        None). Returns whether training stopped early.
+        None). ``steps_per_epoch`` ends each epoch after that many steps (for very
+        large data; checkpoints and resume then work at that granularity). Returns
+        whether training stopped early.
         """
-        return MiniBatchSource(loaders, call_func, cache_on_device=self.cache_on_device)
+        return MiniBatchSource(loaders, call_func, cache_on_device=self.cache_on_device,
+                               steps_per_epoch=steps_per_epoch)
 
     @train_loop_formatter
     def train_graph_batch(self, epochs: int, gloader: Any, dataset: Any, train_ind: Any = None,

@@ -28,7 +28,7 @@ def trainer_state(trainer: Any) -> dict[str, Any]:
         "step": t.step.state_dict(),
         "fit": t.fit_loop.state_dict(),
         "counters": {"epoch": t.epoch, "global_step": t.global_step, "stage": t.stage,
-                     "loop_name": t.fit_loop.name or ""},
+                     "loop_name": t.fit_loop.name or "", "loop_epoch": t.fit_loop.loop_epoch},
         "best": {"value": float(best["value"]),
                  "epoch": -1 if best["epoch"] is None else int(best["epoch"]),
                  "state": best["state"]},
@@ -87,14 +87,22 @@ def check_compatible(trainer: Any, state: Mapping[str, Any], path: Any) -> None:
         msg = f"checkpoint {where!r} is for a model with other settings: {diff}."
         raise ValueError(msg)
     stored = state.get("metadata") or {}
+    problems = []
     for key in sorted(set(stored) & set(trainer.metadata)):
         mine = trainer.metadata[key]
-        if stored[key] != mine:
-            detail = ""
-            if isinstance(stored[key], list) and isinstance(mine, list):
-                missing = sorted(set(stored[key]) - set(mine))[:5]
-                extra = sorted(set(mine) - set(stored[key]))[:5]
-                detail = f" (in the checkpoint only: {missing}; here only: {extra})"
-            msg = (f"checkpoint {where!r} does not fit: its {key!r} differs from this "
-                   f"trainer's{detail}.")
-            raise ValueError(msg)
+        if stored[key] == mine:
+            continue
+        detail = ""
+        if isinstance(stored[key], list) and isinstance(mine, list):
+            missing = sorted(set(stored[key]) - set(mine))
+            extra = sorted(set(mine) - set(stored[key]))
+            if not missing and not extra:
+                detail = " (the same values in another order)"
+            else:
+                detail = (f" (in the checkpoint only: {missing[:5]}"
+                          f"{' ...' if len(missing) > 5 else ''}; here only: {extra[:5]}"
+                          f"{' ...' if len(extra) > 5 else ''})")
+        problems.append(f"its {key!r} differs from this trainer's{detail}")
+    if problems:
+        msg = f"checkpoint {where!r} does not fit: " + "; ".join(problems) + "."
+        raise ValueError(msg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -53,16 +54,25 @@ class MiniBatchSource(BatchSource):
         ``model.loss``.
     cache_on_device
         Densify the loaders' datasets on the device once and gather batches there.
+    steps_per_epoch
+        End each epoch after this many optimizer steps (the first batches of the epoch's
+        shuffled order; each epoch draws a new order), for data too large for full
+        passes. ``None``: one full pass of the training loader.
     """
 
     name = "train_batch"
 
     def __init__(self, loaders: Any, call_func: Callable | None = None, *,
-                 cache_on_device: bool = False) -> None:
+                 cache_on_device: bool = False, steps_per_epoch: int | None = None) -> None:
         super().__init__()
         self.train_loader, self.valid_loader = unpack_loaders(loaders)
         self.call_func = call_func
         self.cache_on_device = cache_on_device
+        if steps_per_epoch is not None and (isinstance(steps_per_epoch, bool)
+                                            or int(steps_per_epoch) < 1):
+            msg = f"steps_per_epoch must be a positive integer or None, got {steps_per_epoch!r}."
+            raise ValueError(msg)
+        self.steps_per_epoch = None if steps_per_epoch is None else int(steps_per_epoch)
         self._caches: dict[int, DeviceCachedLoader] = {}
 
     def bind(self, plan: Any, shard: Shard) -> None:
@@ -101,13 +111,19 @@ class MiniBatchSource(BatchSource):
         return {"rank": self.shard.rank, "world": self.shard.world}
 
     def batches(self) -> Iterator[Batch]:
-        return self._from(self.train_loader)
+        batches = self._from(self.train_loader)
+        if self.steps_per_epoch is None:
+            return batches
+        return itertools.islice(batches, self.steps_per_epoch)
 
     def n_steps(self) -> int | None:
         try:
-            return steps_per_process(len(self.train_loader), self.shard)
+            steps = steps_per_process(len(self.train_loader), self.shard)
         except TypeError:
-            return None
+            steps = None
+        if self.steps_per_epoch is None:
+            return steps
+        return self.steps_per_epoch if steps is None else min(steps, self.steps_per_epoch)
 
     def validation_batches(self) -> Iterable[Batch] | None:
         return None if self.valid_loader is None else self._from(self.valid_loader)
