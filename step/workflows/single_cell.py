@@ -157,7 +157,7 @@ class scModel(Workflow):  # noqa: N801 - the name users know from STEP
         lr = _check_rate("lr", lr)
         _check_key_added(key_added)
         if resume is not None:
-            self._check_resume_stage_1(resume)
+            self.check_resume(resume)
         trainer = self._make_trainer(checkpoint_dir=checkpoint_dir, probe=probe,
                                      verbose=verbose, trainer_kw=trainer_kw)
         self.dataset.set_mode(MODES.BATCH)
@@ -171,7 +171,28 @@ class scModel(Workflow):  # noqa: N801 - the name users know from STEP
         self._write_obsm({key_added: self._infer(self.dataset)})
         return self.history
 
-    def _check_resume_stage_1(self, resume: str | os.PathLike) -> None:
+    def check_resume(self, resume: str | os.PathLike) -> None:
+        """Check that a checkpoint can be resumed by :meth:`run` on these data.
+
+        :meth:`run` makes the same check; calling it first tells before any other work
+        whether ``resume`` fits. A checkpoint of the same genes in another order is
+        accepted and the prepared copy of the data is put in the checkpoint's gene order
+        (the caller's AnnData is not changed).
+
+        Parameters
+        ----------
+        resume
+            A checkpoint written by :meth:`run`.
+
+        Raises
+        ------
+        FileNotFoundError
+            If there is no such file.
+        ValueError
+            If the file is not a readable checkpoint, was written by :meth:`refine`, or
+            records other genes or settings (layer, batch and class keys and categories);
+            the message lists every difference.
+        """
         state = self._check_resume(resume)
         if int(state["counters"].get("stage", 1)) != 1:
             msg = (f"checkpoint {os.fspath(resume)!r} was written by refine() (stage 2); run() "

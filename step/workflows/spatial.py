@@ -351,8 +351,37 @@ class stModel(Workflow):  # noqa: N801 - the name users know from STEP
                 "spatial_key": self.spatial_key, "graph_method": self.graph_method,
                 "k": self.k, "radius": self.radius, "smoother_layers": self.smoother_layers}
 
+    def check_resume(self, resume: str | os.PathLike, *, mode: str = "two-stage") -> None:
+        """Check that a checkpoint can be resumed by :meth:`run` with ``mode``.
+
+        :meth:`run` makes the same check. A checkpoint of the same genes in another order
+        is accepted and the prepared copy of the data is put in the checkpoint's gene
+        order (the caller's AnnData is not changed).
+
+        Parameters
+        ----------
+        resume
+            A checkpoint written by :meth:`run`.
+        mode
+            The mode of the run that is to resume it.
+
+        Raises
+        ------
+        FileNotFoundError
+            If there is no such file.
+        ValueError
+            If the file is not a readable checkpoint, was written in another mode, or
+            records other genes or settings (layer, batch key and categories, section and
+            spatial keys, graph settings, smoother layers); the message lists every
+            difference.
+        """
+        self._check_resume_mode(resume, mode)
+
     def _check_resume_mode(self, resume: str | os.PathLike, mode: str) -> str:
         """Check a checkpoint to resume (mode first) and return the loop it was written in."""
+        if mode not in MODES_OF_TRAINING:
+            msg = f"mode must be one of {MODES_OF_TRAINING}, got {mode!r}."
+            raise ValueError(msg)
         state = read_checkpoint(resume)
         written = _mode_of_checkpoint(state)
         if written is not None and written != mode:
