@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["OUTPUT_FILES", "build_parser", "main"]
+__all__ = ["OUTPUT_FILES", "build_parser", "main", "resume_command"]
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
