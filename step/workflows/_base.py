@@ -397,9 +397,20 @@ class Workflow:
         Returns
         -------
         The folder.
+
+        Raises
+        ------
+        ~step.functionality.comps.trainer.NonFiniteError
+            If a weight is NaN or infinite (nothing is written).
         """
         import step
 
+        bad = [name for name, value in self.model.state_dict().items()
+               if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+        if bad:
+            msg = (f"the model holds NaN or infinite weights ({_shown(bad)}); it was not "
+                   "saved. Train again with a lower learning rate or grad_clip.")
+            raise NonFiniteError(msg)
         folder = Path(dir)
         folder.mkdir(parents=True, exist_ok=True)
         config = {

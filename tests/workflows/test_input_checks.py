@@ -86,6 +86,14 @@ def test_a_non_finite_embedding_is_never_written(cells, monkeypatch) -> None:
     assert "X_rep" not in cells.obsm
 
 
+def test_a_model_with_non_finite_weights_is_never_saved(cells, tmp_path) -> None:
+    model = scModel(cells, **SMALL)
+    _poison(model)
+    with pytest.raises(NonFiniteError, match="not saved"):
+        model.save(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
+
+
 def test_cli_divergence_exits_1_without_results(cells, tmp_path, monkeypatch, capsys) -> None:
     path = tmp_path / "cells.h5ad"
     cells.write_h5ad(path)
