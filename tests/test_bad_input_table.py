@@ -34,6 +34,10 @@ DOC = ROOT / "docs" / "guide" / "bad_input.rst"
 SMALL = {"hidden_dim": 16, "n_modules": 8, "module_dim": 8, "n_layers": 1, "latent_dim": 8,
          "dropout": 0.0}
 N_CELLS, N_GENES = 200, 300
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning"),  # crafted file
+    pytest.mark.filterwarnings("ignore:Variable names are not unique:UserWarning"),
+]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -120,6 +120,7 @@ def test_cli_refuses_lr_inf_before_reading_the_input(tmp_path, capsys) -> None:
 
 
 # ------------------------------------------------------------ 3. duplicate gene names
+@pytest.mark.filterwarnings("ignore:Variable names are not unique:UserWarning")
 def test_duplicate_gene_names_are_refused_everywhere(cells, tmp_path, capsys) -> None:
     model = scModel(cells.copy(), **SMALL)
     dup = cells.copy()
