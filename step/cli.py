@@ -292,7 +292,8 @@ def _check_out(out: Path, *, overwrite: bool, resume: Path | None) -> list[Path]
     files, folders = _owned(out)
     for folder in folders:
         if folder.exists() and not folder.is_dir():
-            msg = f"{str(folder)!r} is a file where step writes a folder; remove it or choose another --out"
+            msg = (f"{str(folder)!r} is a file where step writes a folder; remove it or "
+                   "choose another --out")
             raise UsageError(msg)
     present, foreign = [], []
     for path in sorted(out.rglob("*")):
@@ -550,10 +551,10 @@ def _completed_epochs(checkpoint: Path) -> int | None:
     from step.functionality.comps.trainer import read_checkpoint
 
     try:
-        rows = read_checkpoint(checkpoint)["history"]["rows"]
+        epoch = read_checkpoint(checkpoint)["counters"]["epoch"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return len(rows)
+    return int(epoch) if isinstance(epoch, int) else None
 
 
 def _report_interrupt(stop: _InterruptedError, argv: Sequence[str]) -> None:

@@ -184,7 +184,7 @@ def test_demo_interrupted_prints_the_command_that_resumes_it(tmp_path: Path) -> 
     line = next(x for x in err.splitlines() if x.startswith("continue with: "))
     assert line == (f"continue with: step demo --out {out} --epochs 100000 --quiet "
                     f"--resume {checkpoint}")
-    done = len(torch.load(checkpoint, weights_only=True)["history"]["rows"])
+    done = int(torch.load(checkpoint, weights_only=True)["counters"]["epoch"])
     assert f"after {done} completed epochs" in err
     argv = line.removeprefix("continue with: step ").split()
     argv[argv.index("--epochs") + 1] = str(done + 1)

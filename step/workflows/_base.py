@@ -103,12 +103,12 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
-def _check_input(adata: Any) -> ad.AnnData:
-    """An in-memory AnnData with unique gene names and at least two cells."""
+def _check_input(adata: Any, *, for_training: bool = True) -> ad.AnnData:
+    """An in-memory AnnData with unique gene names (and at least two cells to train on)."""
     check_adata(adata)
     check_in_memory(adata)
     check_unique_names(adata, axis="var")
-    if adata.n_obs < 2:
+    if for_training and adata.n_obs < 2:
         msg = (f"the AnnData object has {adata.n_obs} cell(s); training needs at least 2 "
                "(one to train on and one to validate on).")
         raise ValueError(msg)
@@ -157,7 +157,7 @@ class Workflow:
         _categories: Mapping[str, Sequence[str] | None] | None = None,
         _model_config: Mapping[str, Any] | None = None,
     ) -> None:
-        _check_input(adata)
+        _check_input(adata, for_training=_genes is None)  # load() may embed one cell
         seed = _check_seed(seed)
         for key, role in ((batch_key, "batch_key"), (class_key, "class_key")):
             if key is not None and _categories is None:
@@ -228,9 +228,7 @@ class Workflow:
 
     def _prepare_other(self, adata: ad.AnnData) -> ad.AnnData:
         """A private copy of other data with the model's genes, in the model's order."""
-        check_adata(adata)
-        check_in_memory(adata)
-        check_unique_names(adata, axis="var")
+        _check_input(adata, for_training=False)
         _io.check_genes(adata.var_names, self.genes)
         prepared = prepare_counts(adata, layer=self.layer, genes=self.genes)
         # labels of other data are never trained on, so only batches are aligned
@@ -299,8 +297,8 @@ class Workflow:
                 self.genes):
             self._reorder_genes(genes)
         here = {**self._metadata(), **dict(extra or {})}
-        diffs = [_difference(key, stored[key], here[key]) for key in sorted(set(stored) & set(here))
-                 if stored[key] != here[key]]
+        diffs = [_difference(key, stored[key], here[key])
+                 for key in sorted(set(stored) & set(here)) if stored[key] != here[key]]
         if diffs:
             msg = (f"checkpoint {where!r} was written for other data or settings: "
                    + "; ".join(diffs) + ". Resume with the data and settings of the run that "

@@ -65,8 +65,9 @@ def _check_coordinates(coords: np.ndarray, sections: np.ndarray, names: Sequence
     for code in np.unique(sections):
         part = coords[sections == code, :2]
         if len(part) > 1 and np.ptp(part, axis=0).max() == 0:
-            msg = (f"all {len(part)} spots of section {names[int(code)]!r} have the same coordinates "
-                   f"in obsm[{spatial_key!r}]; a spatial graph needs the spots' positions.")
+            msg = (f"all {len(part)} spots of section {names[int(code)]!r} have the same "
+                   f"coordinates in obsm[{spatial_key!r}]; a spatial graph needs the spots' "
+                   "positions.")
             raise ValueError(msg)
 
 
@@ -304,7 +305,7 @@ class stModel(Workflow):  # noqa: N801 - the name users know from STEP
         if key_added == smoothed_key:
             msg = f"key_added and smoothed_key must differ, both are {key_added!r}."
             raise ValueError(msg)
-        resume_loop = "" if resume is None else self._check_resume_mode(resume, mode)
+        resume_stage = 0 if resume is None else self._check_resume_mode(resume, mode)
         trainer = self._make_trainer(checkpoint_dir=checkpoint_dir, probe=probe,
                                      verbose=verbose, trainer_kw=trainer_kw,
                                      metadata={**self._metadata(), "mode": mode})
@@ -314,7 +315,7 @@ class stModel(Workflow):  # noqa: N801 - the name users know from STEP
         valid_ind = np.array(valid_view.indices) if len(valid_view) else None
 
         if mode == "two-stage":
-            if resume_loop != "train_graph_batch":
+            if resume_stage != 2:
                 trainer.init_optimizer(lr=lr, stage=1)
                 if resume is not None:
                     trainer.load_checkpoint(resume)
@@ -326,7 +327,7 @@ class stModel(Workflow):  # noqa: N801 - the name users know from STEP
                 trainer.train_batch(epochs, loaders)
             self._attach_smoother()
             trainer.init_optimizer(lr=lr, tune_lr=tune_lr, stage=2)
-            if resume_loop == "train_graph_batch":
+            if resume_stage == 2:
                 trainer.load_checkpoint(resume)
             gloader = GraphLoader(self.graph.graphs, batch_size=graph_batch_size, shuffle=True,
                                   generator=torch.Generator().manual_seed(self.seed))
@@ -377,8 +378,8 @@ class stModel(Workflow):  # noqa: N801 - the name users know from STEP
         """
         self._check_resume_mode(resume, mode)
 
-    def _check_resume_mode(self, resume: str | os.PathLike, mode: str) -> str:
-        """Check a checkpoint to resume (mode first) and return the loop it was written in."""
+    def _check_resume_mode(self, resume: str | os.PathLike, mode: str) -> int:
+        """Check a checkpoint to resume (mode first) and return the stage it was written in."""
         if mode not in MODES_OF_TRAINING:
             msg = f"mode must be one of {MODES_OF_TRAINING}, got {mode!r}."
             raise ValueError(msg)
@@ -387,11 +388,11 @@ class stModel(Workflow):  # noqa: N801 - the name users know from STEP
         if written is not None and written != mode:
             counters = state.get("counters", {})
             msg = (f"checkpoint {os.fspath(resume)!r} was written by a {written!r} run (stage "
-                   f"{counters.get('stage')}, loop {counters.get('loop_name')!r}); it cannot be "
-                   f"resumed with mode={mode!r}. Resume it with mode={written!r}.")
+                   f"{counters.get('stage')}); it cannot be resumed with mode={mode!r}. "
+                   f"Resume it with mode={written!r}.")
             raise ValueError(msg)
         state = self._check_resume(resume, {"mode": mode})
-        return str(state["counters"].get("loop_name", ""))
+        return int(state["counters"].get("stage", 1))
 
     def _split(self, split_rate: float) -> tuple[BaseDataset, BaseDataset]:
         key = self.section_key if self.section_key in self._prepared.obs.columns else None

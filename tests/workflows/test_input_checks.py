@@ -197,3 +197,9 @@ def test_resume_command_repeats_the_arguments() -> None:
             "--epochs", "5"]
     assert cli.resume_command(argv, Path("o/run/checkpoints/checkpoint.pt")) == (
         "step fit 'my data.h5ad' --out o --epochs 5 --resume o/run/checkpoints/checkpoint.pt")
+
+
+def test_a_saved_model_still_embeds_a_single_cell(cells, tmp_path) -> None:
+    scModel(cells.copy(), **SMALL).save(tmp_path / "saved")
+    one = cells[:1].copy()
+    assert scModel.load(tmp_path / "saved", one).embed().shape == (1, 8)
