@@ -647,7 +647,8 @@ def rst() -> str:
     body = []
     for row in ROWS:
         error = f"exit {row.error}" if isinstance(row.error, int) else row.error.__name__
-        body += [f"   * - ``{row.id}``", f"     - {row.problem}", f"     - {error}",
+        problem = re.sub(r"(--[a-z][\w=.-]*)", r"``\1``", row.problem)  # options as code
+        body += [f"   * - ``{row.id}``", f"     - {problem}", f"     - {error}",
                  f"     - ``{row.match}``"]
     return "\n".join(head + body) + "\n"
 
