@@ -145,14 +145,49 @@ def test_interrupt_saves_a_checkpoint_and_exits_130(small_h5ad, tmp_path: Path) 
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    assert "checkpoint.pt" in err and "--resume" in err
     assert not (out / "result.h5ad").exists()
-
-    # the checkpoint continues the interrupted run for two more epochs
     state = torch.load(checkpoint, weights_only=True)
     done = int(state["counters"]["loop_epoch"])
+    assert f"after {done} completed epoch" in err
+    expected = (f"continue with: step fit {path} --out {out} --epochs 100000 --batch-size 16 "
+                f"--quiet --resume {checkpoint}")
+    assert expected in err, err
+
+    # the checkpoint continues the interrupted run for two more epochs
     code = cli.main(["fit", str(path), "--out", str(out), "--batch-size", "16", "--resume",
                      str(checkpoint), "--epochs", str(done + 2), "--quiet"])
     assert code == 0
     history = pd.read_csv(out / "run" / "history.csv")
     assert history["epoch"].tolist() == list(range(done + 2))
+
+
+def _interrupt_when_checkpointed(argv: list[str], checkpoint: Path) -> str:
+    """Run ``python -m step.cli argv``, send SIGINT once ``checkpoint`` exists; stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "step.cli", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 240
+    while not checkpoint.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    assert checkpoint.exists(), "no periodic checkpoint appeared"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    return err
+
+
+def test_demo_interrupted_prints_the_command_that_resumes_it(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    checkpoint = out / "run" / "checkpoints" / "checkpoint.pt"
+    err = _interrupt_when_checkpointed(["demo", "--out", str(out), "--epochs", "100000",
+                                        "--quiet"], checkpoint)
+    line = next(x for x in err.splitlines() if x.startswith("continue with: "))
+    assert line == (f"continue with: step demo --out {out} --epochs 100000 --quiet "
+                    f"--resume {checkpoint}")
+    done = int(torch.load(checkpoint, weights_only=True)["counters"]["epoch"])
+    assert f"after {done} completed epochs" in err
+    argv = line.removeprefix("continue with: step ").split()
+    argv[argv.index("--epochs") + 1] = str(done + 1)
+    assert cli.main(argv) == 0
+    history = pd.read_csv(out / "run" / "history.csv")
+    assert history["epoch"].tolist() == list(range(done + 1))

@@ -18,9 +18,11 @@ __all__ = [
     "check_adata",
     "check_batch_size",
     "check_counts",
+    "check_in_memory",
     "check_not_empty",
     "check_obs_key",
     "check_obsm_key",
+    "check_unique_names",
     "get_counts",
 ]
 
@@ -58,6 +60,50 @@ def check_adata(adata: Any) -> ad.AnnData:
         msg = f"expected an AnnData object, received {type(adata).__name__}"
         raise TypeError(msg)
     return adata
+
+
+def check_in_memory(adata: ad.AnnData) -> None:
+    """Raise if ``adata`` is backed by a file (``read_h5ad(..., backed="r")``).
+
+    Raises
+    ------
+    ValueError
+        If ``adata.isbacked``; the message says how to load the data into memory.
+    """
+    check_adata(adata)
+    if adata.isbacked:
+        msg = (
+            f"the AnnData object is backed by the file {str(adata.filename)!r}; backed data is "
+            "not supported yet. Load it into memory with adata.to_memory() or "
+            "anndata.read_h5ad(path) without backed="
+        )
+        raise ValueError(msg)
+
+
+def check_unique_names(adata: ad.AnnData, *, axis: str = "var") -> None:
+    """Raise if ``adata`` has duplicate gene (``axis="var"``) or cell (``"obs"``) names.
+
+    Raises
+    ------
+    ValueError
+        If some names occur more than once; the message lists them and suggests
+        ``adata.var_names_make_unique()`` (or ``obs_names_make_unique()``).
+    """
+    check_adata(adata)
+    if axis not in ("var", "obs"):
+        msg = f"axis must be 'var' or 'obs', received {axis!r}"
+        raise ValueError(msg)
+    names = adata.var_names if axis == "var" else adata.obs_names
+    if names.is_unique:
+        return
+    duplicated = names[names.duplicated()].unique()
+    what = "gene" if axis == "var" else "cell"
+    msg = (
+        f"adata.{axis}_names holds {len(duplicated)} duplicated {what} names "
+        f"({_listing(duplicated)}); every {what} needs its own name. Call "
+        f"adata.{axis}_names_make_unique() first"
+    )
+    raise ValueError(msg)
 
 
 def check_not_empty(adata: ad.AnnData) -> None:

@@ -3,6 +3,7 @@ Trainer, batched inference, and saving to / loading from a run directory."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -14,11 +15,23 @@ import pandas as pd
 import torch
 
 from step._constants import MODES
-from step.functionality.comps.trainer import ConvergenceProbe, Trainer, seed_everything
+from step.functionality.comps.trainer import (
+    ConvergenceProbe,
+    NonFiniteError,
+    Trainer,
+    read_checkpoint,
+    seed_everything,
+)
 from step.models import TranscriptFormer
 from step.utils.dataset import BaseDataset, ScDataset, index_loader
 from step.utils.preprocess import prepare_counts
-from step.utils.validation import check_adata, check_obs_key, check_obsm_key
+from step.utils.validation import (
+    check_adata,
+    check_in_memory,
+    check_obs_key,
+    check_obsm_key,
+    check_unique_names,
+)
 from step.workflows import _io
 
 __all__ = ["CHECKPOINT_FILE", "Workflow"]
@@ -33,6 +46,46 @@ def _check_positive_int(name: str, value: Any) -> int:
         msg = f"{name} must be a positive integer, got {value!r}."
         raise ValueError(msg)
     return int(value)
+
+
+def _check_rate(name: str, value: Any) -> float:
+    """A learning rate: a finite number above 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        msg = f"{name} must be a positive finite number, got {value!r}."
+        raise TypeError(msg)
+    if not (math.isfinite(float(value)) and float(value) > 0):
+        msg = f"{name} must be a positive finite number, got {value!r}."
+        raise ValueError(msg)
+    return float(value)
+
+
+def _check_seed(seed: Any) -> int:
+    """A seed every generator accepts: an integer in ``[0, 2**32)``."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        msg = f"seed must be an integer, got {seed!r}."
+        raise TypeError(msg)
+    if not 0 <= seed < 2**32:
+        msg = f"seed must be an integer in [0, 2**32), got {seed!r}."
+        raise ValueError(msg)
+    return int(seed)
+
+
+def _shown(values: Sequence[Any], limit: int = 5) -> str:
+    shown = ", ".join(repr(v) for v in list(values)[:limit])
+    more = f" and {len(values) - limit} more" if len(values) > limit else ""
+    return f"[{shown}{more}]"
+
+
+def _difference(key: str, stored: Any, here: Any) -> str:
+    """One line saying how a checkpoint's metadata value differs from this run's."""
+    if isinstance(stored, list) and isinstance(here, list):
+        only_stored = [v for v in stored if v not in set(here)]
+        only_here = [v for v in here if v not in set(stored)]
+        if not only_stored and not only_here:
+            return f"{key}: the same {len(here)} values in another order"
+        return (f"{key}: {len(stored)} in the checkpoint, {len(here)} here; in the checkpoint "
+                f"only: {_shown(only_stored)}; here only: {_shown(only_here)}")
+    return f"{key}: {stored!r} in the checkpoint, {here!r} here"
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -50,11 +103,27 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
+def _check_input(adata: Any, *, for_training: bool = True) -> ad.AnnData:
+    """An in-memory AnnData with unique gene names (and at least two cells to train on)."""
+    check_adata(adata)
+    check_in_memory(adata)
+    check_unique_names(adata, axis="var")
+    if for_training and adata.n_obs < 2:
+        msg = (f"the AnnData object has {adata.n_obs} cell(s); training needs at least 2 "
+               "(one to train on and one to validate on).")
+        raise ValueError(msg)
+    return adata
+
+
 def _check_key_added(key_added: Any) -> str:
     if not isinstance(key_added, str) or not key_added:
         msg = f"key_added must be a non-empty string, got {key_added!r}."
         raise TypeError(msg)
     return key_added
+
+
+def _plain(values: Sequence[Any] | None) -> list[str] | None:
+    return None if values is None else [str(v) for v in values]
 
 
 class Workflow:
@@ -88,10 +157,8 @@ class Workflow:
         _categories: Mapping[str, Sequence[str] | None] | None = None,
         _model_config: Mapping[str, Any] | None = None,
     ) -> None:
-        check_adata(adata)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            msg = f"seed must be an integer, got {seed!r}."
-            raise TypeError(msg)
+        _check_input(adata, for_training=_genes is None)  # load() may embed one cell
+        seed = _check_seed(seed)
         for key, role in ((batch_key, "batch_key"), (class_key, "class_key")):
             if key is not None and _categories is None:
                 check_obs_key(adata, key, role=role)
@@ -161,7 +228,7 @@ class Workflow:
 
     def _prepare_other(self, adata: ad.AnnData) -> ad.AnnData:
         """A private copy of other data with the model's genes, in the model's order."""
-        check_adata(adata)
+        _check_input(adata, for_training=False)
         _io.check_genes(adata.var_names, self.genes)
         prepared = prepare_counts(adata, layer=self.layer, genes=self.genes)
         # labels of other data are never trained on, so only batches are aligned
@@ -182,8 +249,11 @@ class Workflow:
         probe: Mapping[str, Any] | None,
         verbose: bool,
         trainer_kw: Mapping[str, Any],
+        metadata: Mapping[str, Any] | None = None,
     ) -> Trainer:
         kw = dict(trainer_kw)
+        kw["metadata"] = {**(metadata if metadata is not None else self._metadata()),
+                          **dict(kw.get("metadata") or {})}
         callbacks = list(kw.pop("callbacks", ()))
         if probe is not None:
             if not isinstance(probe, Mapping):
@@ -197,6 +267,49 @@ class Workflow:
         self.trainer = Trainer(self.model, device=self.device, seed=self.seed,
                                callbacks=callbacks, verbose=verbose, **kw)
         return self.trainer
+
+    def _metadata(self) -> dict[str, Any]:
+        """What a checkpoint records and a resumed run must match: plain values only."""
+        return {"workflow": self.workflow_name, "genes": list(self.genes), "layer": self.layer,
+                "batch_key": self.batch_key, "class_key": self.class_key,
+                "batch_categories": _plain(self._categories.get("batch")),
+                "class_categories": _plain(self._categories.get("class"))}
+
+    def _check_resume(self, path: str | os.PathLike,
+                      extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Read a checkpoint to resume and check that it fits this data and these settings.
+
+        A checkpoint over the same genes in another order is accepted: the prepared copy
+        of the data is reordered to the checkpoint's gene order. Any other difference in
+        the recorded metadata (:meth:`_metadata` updated with ``extra``) is refused with a
+        ``ValueError`` listing every difference.
+        """
+        state = read_checkpoint(path)
+        stored = dict(state.get("metadata") or {})
+        where = os.fspath(path)
+        if "genes" not in stored:
+            msg = (f"checkpoint {where!r} records no gene names, so it cannot be checked "
+                   "against these data; resume from a checkpoint written by this version of "
+                   "step's workflows or command line.")
+            raise ValueError(msg)
+        genes = [str(g) for g in stored["genes"]]
+        if genes != self.genes and len(genes) == len(self.genes) and set(genes) == set(
+                self.genes):
+            self._reorder_genes(genes)
+        here = {**self._metadata(), **dict(extra or {})}
+        diffs = [_difference(key, stored[key], here[key])
+                 for key in sorted(set(stored) & set(here)) if stored[key] != here[key]]
+        if diffs:
+            msg = (f"checkpoint {where!r} was written for other data or settings: "
+                   + "; ".join(diffs) + ". Resume with the data and settings of the run that "
+                   "wrote it, or train without resume.")
+            raise ValueError(msg)
+        return state
+
+    def _reorder_genes(self, genes: Sequence[str]) -> None:
+        """Prepare the data again with its genes in ``genes``' order."""
+        self._prepare(self.adata, genes=genes)
+        self.genes = [str(g) for g in self._prepared.var_names]
 
     def _final_checkpoint(self) -> None:
         """Write the state at the end of training where periodic checkpoints go."""
@@ -237,8 +350,24 @@ class Workflow:
             self.model.train(was_training)
         return torch.cat(outs).numpy()
 
-    def _write_obsm(self, key: str, values: np.ndarray) -> None:
-        self.adata.obsm[_check_key_added(key)] = np.asarray(values, dtype=np.float32)
+    def _write_obsm(self, results: Mapping[str, np.ndarray]) -> None:
+        """Write embeddings into the caller's AnnData, all or none.
+
+        Raises :class:`~step.functionality.comps.trainer.NonFiniteError` (and writes
+        nothing) when any of them holds NaN or infinite values.
+        """
+        checked = {}
+        for key, values in results.items():
+            values = np.asarray(values, dtype=np.float32)
+            n_bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+            if n_bad:
+                msg = (f"the embedding for obsm[{key!r}] holds {n_bad} NaN or infinite values "
+                       f"of {values.size}; nothing was written into the AnnData. Lower the "
+                       "learning rate, set grad_clip, or check the input counts.")
+                raise NonFiniteError(msg)
+            checked[_check_key_added(key)] = values
+        for key, values in checked.items():
+            self.adata.obsm[key] = values
 
     def _require_obsm(self, key: str) -> np.ndarray:
         check_obsm_key(self.adata, key, role="use_rep")
@@ -266,9 +395,20 @@ class Workflow:
         Returns
         -------
         The folder.
+
+        Raises
+        ------
+        ~step.functionality.comps.trainer.NonFiniteError
+            If a weight is NaN or infinite (nothing is written).
         """
         import step
 
+        bad = [name for name, value in self.model.state_dict().items()
+               if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+        if bad:
+            msg = (f"the model holds NaN or infinite weights ({_shown(bad)}); it was not "
+                   "saved. Train again with a lower learning rate or grad_clip.")
+            raise NonFiniteError(msg)
         folder = Path(dir)
         folder.mkdir(parents=True, exist_ok=True)
         config = {

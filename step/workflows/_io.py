@@ -31,6 +31,7 @@ CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.csv"
 #: Version of the layout of a saved run directory.
 FORMAT_VERSION = 1
+_CONFIG_KEYS = ("model", "genes", "settings", "categories")
 
 
 def write_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike) -> Path:
@@ -77,7 +78,14 @@ def read_config(path: str | os.PathLike, *, workflow: str) -> dict[str, Any]:
     if not path.is_file():
         msg = f"no {CONFIG_FILE} in {os.fspath(path.parent)!r}; is this a folder written by save()?"
         raise FileNotFoundError(msg)
-    config = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        msg = f"{os.fspath(path)!r} is not a readable {CONFIG_FILE} (corrupt JSON: {err})."
+        raise ValueError(msg) from err
+    if not isinstance(config, dict):
+        msg = f"{os.fspath(path)!r} does not hold a JSON object; it was not written by save()."
+        raise ValueError(msg)
     if config.get("workflow") != workflow:
         msg = (f"{os.fspath(path)!r} was saved by {config.get('workflow')!r}, not {workflow!r}; "
                f"load it with that class.")
@@ -85,6 +93,15 @@ def read_config(path: str | os.PathLike, *, workflow: str) -> dict[str, Any]:
     if config.get("format") != FORMAT_VERSION:
         msg = (f"{os.fspath(path)!r} has layout version {config.get('format')!r}; this version "
                f"of step reads version {FORMAT_VERSION}.")
+        raise ValueError(msg)
+    missing = [k for k in _CONFIG_KEYS if k not in config]
+    if missing:
+        msg = f"{os.fspath(path)!r} is incomplete: it lacks {missing}."
+        raise ValueError(msg)
+    genes = [str(g) for g in config["genes"]]
+    if len(set(genes)) != len(genes):
+        msg = (f"{os.fspath(path)!r} lists duplicated gene names; a model saved from data with "
+               "duplicated var_names cannot be matched to data by gene name.")
         raise ValueError(msg)
     return config
 

@@ -13,7 +13,7 @@ import torch
 
 from step._constants import ADATA_KEYS, MODES
 from step.functionality.comps.trainer import make_loaders
-from step.workflows._base import Workflow, _check_positive_int
+from step.workflows._base import Workflow, _check_key_added, _check_positive_int, _check_rate
 
 __all__ = ["scModel"]
 
@@ -154,6 +154,10 @@ class scModel(Workflow):  # noqa: N801 - the name users know from STEP
         computed in eval mode.
         """
         epochs = _check_positive_int("epochs", epochs)
+        lr = _check_rate("lr", lr)
+        _check_key_added(key_added)
+        if resume is not None:
+            self.check_resume(resume)
         trainer = self._make_trainer(checkpoint_dir=checkpoint_dir, probe=probe,
                                      verbose=verbose, trainer_kw=trainer_kw)
         self.dataset.set_mode(MODES.BATCH)
@@ -164,8 +168,36 @@ class scModel(Workflow):  # noqa: N801 - the name users know from STEP
             trainer.load_checkpoint(resume)
         trainer.train_batch(epochs, loaders)
         self._final_checkpoint()
-        self._write_obsm(key_added, self._infer(self.dataset))
+        self._write_obsm({key_added: self._infer(self.dataset)})
         return self.history
+
+    def check_resume(self, resume: str | os.PathLike) -> None:
+        """Check that a checkpoint can be resumed by :meth:`run` on these data.
+
+        :meth:`run` makes the same check; calling it first tells before any other work
+        whether ``resume`` fits. A checkpoint of the same genes in another order is
+        accepted and the prepared copy of the data is put in the checkpoint's gene order
+        (the caller's AnnData is not changed).
+
+        Parameters
+        ----------
+        resume
+            A checkpoint written by :meth:`run`.
+
+        Raises
+        ------
+        FileNotFoundError
+            If there is no such file.
+        ValueError
+            If the file is not a readable checkpoint, was written by :meth:`refine`, or
+            records other genes or settings (layer, batch and class keys and categories);
+            the message lists every difference.
+        """
+        state = self._check_resume(resume)
+        if int(state["counters"].get("stage", 1)) != 1:
+            msg = (f"checkpoint {os.fspath(resume)!r} was written by refine() (stage 2); run() "
+                   "resumes checkpoints of its own stage-1 training only.")
+            raise ValueError(msg)
 
     def _split_key(self) -> str | None:
         if self.class_key is not None and self.class_key in self._prepared.obs.columns:
@@ -225,6 +257,13 @@ class scModel(Workflow):  # noqa: N801 - the name users know from STEP
         afterwards reflects the fine-tuned backbone.
         """
         epochs = _check_positive_int("epochs", epochs)
+        lr = _check_rate("lr", lr)
+        tune_lr = _check_rate("tune_lr", tune_lr)
+        temperature = _check_rate("temperature", temperature)
+        if isinstance(mix, bool) or not isinstance(mix, (int, float)) or not 0 <= mix <= 1:
+            msg = f"mix must be a number in [0, 1], got {mix!r}."
+            raise ValueError(msg)
+        _check_key_added(key_added)
         trainer = self._require_trainer("refine()")
         if self.class_key is None or self.dataset.class_codes is None:
             msg = "refine() needs class labels; create the model with class_key=<obs column>."
@@ -247,7 +286,7 @@ class scModel(Workflow):  # noqa: N801 - the name users know from STEP
         finally:
             self.dataset.set_mode(MODES.BATCH)
         self._final_checkpoint()
-        self._write_obsm(key_added, self._infer(self.dataset, method="anchored"))
+        self._write_obsm({key_added: self._infer(self.dataset, method="anchored")})
         return self.history
 
     # ------------------------------------------------------------- inference

@@ -14,11 +14,11 @@ import torch
 from torch_geometric.loader import DataLoader as GraphLoader
 
 from step._constants import ADATA_KEYS, MODES
-from step.functionality.comps.trainer import Trainer, category_random_split
+from step.functionality.comps.trainer import Trainer, category_random_split, read_checkpoint
 from step.graph import NeighborSampler, build_spatial_graph, section_graphs
 from step.utils.dataset import BaseDataset, StDataset, index_loader
 from step.utils.validation import check_adata, check_obs_key, check_obsm_key
-from step.workflows._base import Workflow, _check_positive_int
+from step.workflows._base import Workflow, _check_key_added, _check_positive_int, _check_rate
 from step.workflows._cluster import cluster_labels
 
 __all__ = ["stModel"]
@@ -37,13 +37,38 @@ class _Graph:
         self.graphs = section_graphs(edge_index, sections)
 
 
-def _read_checkpoint_loop(path: str | os.PathLike) -> str:
-    """Name of the training loop a checkpoint was written in ("" when unknown)."""
-    if not os.path.isfile(path):
-        msg = f"checkpoint {os.fspath(path)!r} does not exist."
-        raise FileNotFoundError(msg)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return str(state.get("counters", {}).get("loop_name", ""))
+#: The training loop(s) each mode runs, as a checkpoint records them.
+_LOOPS_OF_MODE = {"two-stage": ("train_batch", "train_graph_batch"),
+                  "end-to-end": ("train_node_sampler",)}
+
+
+def _mode_of_checkpoint(state: Mapping[str, Any]) -> str | None:
+    """The training mode recorded in a checkpoint (or implied by its loop)."""
+    mode = (state.get("metadata") or {}).get("mode")
+    if mode is not None:
+        return str(mode)
+    loop = str(state.get("counters", {}).get("loop_name", ""))
+    return next((m for m, loops in _LOOPS_OF_MODE.items() if loop in loops), None)
+
+
+def _check_coordinates(coords: np.ndarray, sections: np.ndarray, names: Sequence[str],
+                       spatial_key: str) -> None:
+    """Coordinates must be finite and, within a section of several spots, not all equal."""
+    if coords.ndim != 2 or coords.shape[1] < 2:
+        msg = (f"obsm[{spatial_key!r}] must hold at least two coordinate columns, got shape "
+               f"{coords.shape}.")
+        raise ValueError(msg)
+    n_bad = int((~np.isfinite(coords[:, :2])).any(axis=1).sum())
+    if n_bad:
+        msg = f"obsm[{spatial_key!r}] holds NaN or infinite coordinates for {n_bad} spots."
+        raise ValueError(msg)
+    for code in np.unique(sections):
+        part = coords[sections == code, :2]
+        if len(part) > 1 and np.ptp(part, axis=0).max() == 0:
+            msg = (f"all {len(part)} spots of section {names[int(code)]!r} have the same "
+                   f"coordinates in obsm[{spatial_key!r}]; a spatial graph needs the spots' "
+                   "positions.")
+            raise ValueError(msg)
 
 
 class stModel(Workflow):  # noqa: N801 - the name users know from STEP
@@ -150,6 +175,11 @@ class stModel(Workflow):  # noqa: N801 - the name users know from STEP
         if graph_method not in GRAPH_METHODS:
             msg = f"graph_method must be one of {GRAPH_METHODS}, got {graph_method!r}."
             raise ValueError(msg)
+        if graph_method == "radius":
+            radius = _check_rate("radius", radius)
+        elif radius is not None:
+            msg = f"radius is only used with graph_method='radius', not {graph_method!r}."
+            raise ValueError(msg)
         self.section_key = section_key
         self.spatial_key = spatial_key
         self.k = _check_positive_int("k", k)
@@ -168,17 +198,24 @@ class stModel(Workflow):  # noqa: N801 - the name users know from STEP
         check_obsm_key(prepared, self.spatial_key, role="spatial_key")
         n = prepared.n_obs
         if self.section_key is None:
-            sections = np.zeros(n, dtype=np.int64)
+            sections, names = np.zeros(n, dtype=np.int64), ["(all spots)"]
         else:
             check_obs_key(prepared, self.section_key, role="section_key")
             column = prepared.obs[self.section_key]
             if column.isna().any():
                 msg = f"section_key {self.section_key!r} has missing values; every spot needs one."
                 raise ValueError(msg)
-            sections = pd.factorize(column.astype(str), sort=True)[0].astype(np.int64)
-        coords = np.asarray(prepared.obsm[self.spatial_key])[:, :2]
-        edge_index = build_spatial_graph(coords, sections, method=self.graph_method, k=self.k,
-                                         radius=self.radius)
+            codes, uniques = pd.factorize(column.astype(str), sort=True)
+            sections, names = codes.astype(np.int64), [str(u) for u in uniques]
+        coords = np.asarray(prepared.obsm[self.spatial_key], dtype=np.float64)
+        _check_coordinates(coords, sections, names, self.spatial_key)
+        edge_index = build_spatial_graph(coords[:, :2], sections, method=self.graph_method,
+                                         k=self.k, radius=self.radius)
+        if not bool((edge_index[0] != edge_index[1]).any()):
+            msg = (f"the {self.graph_method} graph (radius={self.radius!r}) links no spot to "
+                   "another one, so the smoother would see each spot alone; use a larger "
+                   "radius or graph_method='knn'.")
+            raise ValueError(msg)
         return _Graph(edge_index, sections)
 
     # -------------------------------------------------------------- training
@@ -261,16 +298,24 @@ class stModel(Workflow):  # noqa: N801 - the name users know from STEP
         epochs = _check_positive_int("epochs", epochs)
         graph_epochs = _check_positive_int("graph_epochs", graph_epochs)
         graph_batch_size = _check_positive_int("graph_batch_size", graph_batch_size)
+        lr = _check_rate("lr", lr)
+        tune_lr = _check_rate("tune_lr", tune_lr)
+        for key in (key_added, smoothed_key):
+            _check_key_added(key)
+        if key_added == smoothed_key:
+            msg = f"key_added and smoothed_key must differ, both are {key_added!r}."
+            raise ValueError(msg)
+        resume_stage = 0 if resume is None else self._check_resume_mode(resume, mode)
         trainer = self._make_trainer(checkpoint_dir=checkpoint_dir, probe=probe,
-                                     verbose=verbose, trainer_kw=trainer_kw)
+                                     verbose=verbose, trainer_kw=trainer_kw,
+                                     metadata={**self._metadata(), "mode": mode})
         self.dataset.set_mode(MODES.BATCH)
         train_view, valid_view = self._split(split_rate)
         train_ind = np.array(train_view.indices)
         valid_ind = np.array(valid_view.indices) if len(valid_view) else None
-        resume_loop = "" if resume is None else _read_checkpoint_loop(resume)
 
         if mode == "two-stage":
-            if resume_loop != "train_graph_batch":
+            if resume_stage != 2:
                 trainer.init_optimizer(lr=lr, stage=1)
                 if resume is not None:
                     trainer.load_checkpoint(resume)
@@ -282,7 +327,7 @@ class stModel(Workflow):  # noqa: N801 - the name users know from STEP
                 trainer.train_batch(epochs, loaders)
             self._attach_smoother()
             trainer.init_optimizer(lr=lr, tune_lr=tune_lr, stage=2)
-            if resume_loop == "train_graph_batch":
+            if resume_stage == 2:
                 trainer.load_checkpoint(resume)
             gloader = GraphLoader(self.graph.graphs, batch_size=graph_batch_size, shuffle=True,
                                   generator=torch.Generator().manual_seed(self.seed))
@@ -298,9 +343,56 @@ class stModel(Workflow):  # noqa: N801 - the name users know from STEP
                                    valid_every=valid_every)
         self._final_checkpoint()
 
-        self._write_obsm(key_added, self._infer(self.dataset))
-        self._write_obsm(smoothed_key, self._infer_graph(self.dataset, self.graph))
+        self._write_obsm({key_added: self._infer(self.dataset),
+                          smoothed_key: self._infer_graph(self.dataset, self.graph)})
         return self.history
+
+    def _metadata(self) -> dict[str, Any]:
+        return {**super()._metadata(), "section_key": self.section_key,
+                "spatial_key": self.spatial_key, "graph_method": self.graph_method,
+                "k": self.k, "radius": self.radius, "smoother_layers": self.smoother_layers}
+
+    def check_resume(self, resume: str | os.PathLike, *, mode: str = "two-stage") -> None:
+        """Check that a checkpoint can be resumed by :meth:`run` with ``mode``.
+
+        :meth:`run` makes the same check. A checkpoint of the same genes in another order
+        is accepted and the prepared copy of the data is put in the checkpoint's gene
+        order (the caller's AnnData is not changed).
+
+        Parameters
+        ----------
+        resume
+            A checkpoint written by :meth:`run`.
+        mode
+            The mode of the run that is to resume it.
+
+        Raises
+        ------
+        FileNotFoundError
+            If there is no such file.
+        ValueError
+            If the file is not a readable checkpoint, was written in another mode, or
+            records other genes or settings (layer, batch key and categories, section and
+            spatial keys, graph settings, smoother layers); the message lists every
+            difference.
+        """
+        self._check_resume_mode(resume, mode)
+
+    def _check_resume_mode(self, resume: str | os.PathLike, mode: str) -> int:
+        """Check a checkpoint to resume (mode first) and return the stage it was written in."""
+        if mode not in MODES_OF_TRAINING:
+            msg = f"mode must be one of {MODES_OF_TRAINING}, got {mode!r}."
+            raise ValueError(msg)
+        state = read_checkpoint(resume)
+        written = _mode_of_checkpoint(state)
+        if written is not None and written != mode:
+            counters = state.get("counters", {})
+            msg = (f"checkpoint {os.fspath(resume)!r} was written by a {written!r} run (stage "
+                   f"{counters.get('stage')}); it cannot be resumed with mode={mode!r}. "
+                   f"Resume it with mode={written!r}.")
+            raise ValueError(msg)
+        state = self._check_resume(resume, {"mode": mode})
+        return int(state["counters"].get("stage", 1))
 
     def _split(self, split_rate: float) -> tuple[BaseDataset, BaseDataset]:
         key = self.section_key if self.section_key in self._prepared.obs.columns else None

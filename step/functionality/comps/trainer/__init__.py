@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._checkpoint import seed_everything
+from ._checkpoint import read_checkpoint, seed_everything
 from ._convergence import ConvergenceProbe
 from ._early_stopping import EarlyStopping
 from ._guard import NonFiniteError
@@ -33,6 +33,7 @@ __all__ = [
     "TrainingInterrupted",
     "category_random_split",
     "make_loaders",
+    "read_checkpoint",
     "seed_everything",
     "train_loop_formatter",
 ]

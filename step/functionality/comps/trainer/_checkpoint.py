@@ -86,28 +86,92 @@ def write_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> None:
     save_atomic({"format": CHECKPOINT_FORMAT, **payload}, path)
 
 
-def read_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a checkpoint without executing code from it.
+#: Entries every Trainer checkpoint holds, whatever else its layout stores.
+REQUIRED_KEYS = ("model", "counters")
+# torch.save writes a zip archive; very old files (and protocol-2 pickles) start with 0x80
+_MAGICS = (b"PK\x03\x04", b"\x80")
+# pickle instructions that import or call something: what makes unpickling run code
+_CODE_OPCODES = {"GLOBAL", "STACK_GLOBAL", "REDUCE", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX"}
 
-    Only tensors and plain containers are accepted (``torch.load(weights_only=True)``); a
-    file holding arbitrary pickled objects is refused with a ``ValueError``.
+
+def _pickle_calls_code(path: str) -> bool:
+    """Whether a plain pickle file imports or calls anything (read, never executed)."""
+    import pickletools
+
+    found = False
+    with open(path, "rb") as handle:
+        try:
+            for opcode, _, _ in pickletools.genops(handle):
+                if opcode.name in _CODE_OPCODES:
+                    found = True
+                    break
+        except Exception:  # noqa: BLE001 - a corrupt stream: report what was seen
+            pass
+    return found
+
+
+def _load_tensors(path: str, map_location: Any) -> Any:
+    """``torch.load(weights_only=True)`` with one ``ValueError`` per kind of bad file."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if not head.startswith(_MAGICS):
+        msg = (f"{path!r} is not a checkpoint: it is not a file written by torch.save "
+               f"(it starts with {head!r}).")
+        raise ValueError(msg)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" in str(err) or (head.startswith(b"\x80")
+                                                and _pickle_calls_code(path)):
+            msg = (f"refusing to load {path!r}: it holds objects other than tensors and plain "
+                   "containers, which could run code when unpickled.")
+            raise ValueError(msg) from err
+        msg = f"{path!r} is not a readable checkpoint: the file is corrupt or truncated."
+        raise ValueError(msg) from err
+    except Exception as err:  # torch reports corrupt archives as several error types
+        msg = (f"{path!r} is not a readable checkpoint: the file is corrupt or truncated "
+               f"({type(err).__name__}: {err}).")
+        raise ValueError(msg) from err
+
+
+def read_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load and check a checkpoint written by a :class:`Trainer`, without running code.
+
+    Only tensors and plain containers are accepted (``torch.load(weights_only=True)``).
+
+    Parameters
+    ----------
+    path
+        A file written by :meth:`Trainer.save_checkpoint`.
+    map_location
+        Where to put the tensors.
+
+    Returns
+    -------
+    The checkpoint's contents (``"model"``, ``"counters"``, ``"metadata"``, ...).
+
+    Raises
+    ------
+    FileNotFoundError
+        If there is no file at ``path``.
+    ValueError
+        If the file is not a checkpoint (another file type, corrupt or truncated, a
+        pickle of arbitrary objects, or a dict without the checkpoint's entries).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        msg = f"checkpoint {path!r} does not exist."
+        what = "is a folder, not a file" if os.path.isdir(path) else "does not exist"
+        msg = f"checkpoint {path!r} {what}."
         raise FileNotFoundError(msg)
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        msg = (
-            f"refusing to load {path!r}: it holds objects other than tensors and plain "
-            f"containers, which could run code when unpickled ({err})."
-        )
-        raise ValueError(msg) from err
-    except (RuntimeError, EOFError) as err:
-        msg = f"{path!r} is not a readable checkpoint ({err})."
-        raise ValueError(msg) from err
+    payload = _load_tensors(path, map_location)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        msg = f"{path!r} is not a checkpoint written by this version of step."
+        kind = type(payload).__name__
+        msg = (f"{path!r} is not a checkpoint written by this version of step (it holds a "
+               f"{kind} without the checkpoint format marker; a model's state_dict or a file "
+               "from another program cannot be resumed).")
+        raise ValueError(msg)
+    missing = [k for k in REQUIRED_KEYS if k not in payload]
+    if missing:
+        msg = f"{path!r} is an incomplete checkpoint: it lacks {missing}."
         raise ValueError(msg)
     return payload
