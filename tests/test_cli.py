@@ -191,3 +191,22 @@ def test_demo_interrupted_prints_the_command_that_resumes_it(tmp_path: Path) -> 
     assert cli.main(argv) == 0
     history = pd.read_csv(out / "run" / "history.csv")
     assert history["epoch"].tolist() == list(range(done + 1))
+
+
+def test_resuming_a_finished_fit_changes_nothing(small_h5ad, small_arch, tmp_path: Path,
+                                                 capsys) -> None:
+    path, _ = small_h5ad
+    out = tmp_path / "out"
+    assert cli.main(["fit", str(path), "--out", str(out), "--epochs", "2"]) == 0
+    checkpoint = out / "run" / "checkpoints" / "checkpoint.pt"
+    before = ad.read_h5ad(out / "result.h5ad").obsm["X_rep"]
+    history = pd.read_csv(out / "run" / "history.csv")
+    capsys.readouterr()
+    assert cli.main(["fit", str(path), "--out", str(out), "--epochs", "2", "--resume",
+                     str(checkpoint)]) == 0
+    said = capsys.readouterr()
+    assert "had already finished" in said.out + said.err
+    after = pd.read_csv(out / "run" / "history.csv")
+    pd.testing.assert_frame_equal(after.drop(columns="seconds"),
+                                  history.drop(columns="seconds"))
+    np.testing.assert_array_equal(ad.read_h5ad(out / "result.h5ad").obsm["X_rep"], before)

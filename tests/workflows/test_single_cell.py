@@ -208,3 +208,20 @@ def test_bad_arguments_are_reported(pbmc_counts: ad.AnnData) -> None:
     with pytest.raises(TypeError, match="probe"):
         model.run(epochs=1, probe=3, verbose=False)
     assert ADATA_KEYS.X_REP not in pbmc_counts.obsm
+
+
+def test_resuming_a_finished_run_changes_nothing(pbmc_counts: ad.AnnData, tmp_path) -> None:
+    small = {"hidden_dim": 16, "n_modules": 8, "module_dim": 8, "n_layers": 1,
+             "latent_dim": 8}
+    cells = pbmc_counts[:200, :300].copy()
+    first = scModel(cells, **small)
+    first.run(epochs=3, checkpoint_dir=tmp_path / "run", verbose=False)
+    again_data = pbmc_counts[:200, :300].copy()
+    again = scModel(again_data, **small)
+    said = []
+    again.run(epochs=3, resume=tmp_path / "run" / "checkpoint.pt", verbose=True,
+              trace_func=said.append)
+    assert any("had already finished" in m for m in said)
+    pd.testing.assert_frame_equal(again.history.drop(columns="seconds"),
+                                  first.history.drop(columns="seconds"))
+    np.testing.assert_array_equal(again_data.obsm["X_rep"], cells.obsm["X_rep"])

@@ -10,7 +10,7 @@ import pandas as pd
 
 
 def _table(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    columns = sorted({k for r in rows for k in r})
+    columns = list(dict.fromkeys(k for r in rows for k in r))  # first-seen order
     return {"columns": columns, "rows": [[r.get(c) for c in columns] for r in rows]}
 
 
