@@ -1,4 +1,4 @@
-"""Trains the stand-in model in a separate process (kill, SIGTERM and torchrun tests)."""
+"""Trains the stand-in model in a separate process (the torchrun test)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import anndata as ad
 import numpy as np
@@ -28,8 +27,6 @@ def main() -> int:
     p.add_argument("--ckpt")
     p.add_argument("--resume")
     p.add_argument("--out", required=True)
-    p.add_argument("--sleep", type=float, default=0.0)
-    p.add_argument("--batch-sleep", type=float, default=0.0)
     p.add_argument("--diverging-rank", type=int, default=-1)
     p.add_argument("--batch-size", type=int, default=16)
     args = p.parse_args()
@@ -50,15 +47,8 @@ def main() -> int:
     dataset = ScDataset(adata)
     model = ToyVAE(dropout=0.2)
 
-    class Pause:
-        def on_train_epoch_end(self):
-            time.sleep(args.sleep)
-
-        def on_train_batch_end(self):
-            time.sleep(args.batch_sleep)
-
     trainer = Trainer(model, seed=0, verbose=False, checkpoint_path=args.ckpt,
-                      checkpoint_every=1 if args.ckpt else None, callbacks=[Pause()],
+                      checkpoint_every=1 if args.ckpt else None,
                       early_stopping={"recon_loss": (3, 0.0)}, stop_rule="recon_loss",
                       restore_best=False)
     trainer.init_optimizer(lr=1e-2)
