@@ -46,6 +46,9 @@ nitpick_ignore = [
     ("py:class", "step.graph.sampling._EpochSampler"),
     ("py:class", "step.workflows._base.Workflow"),
     ("py:class", "step.models._blocks.GCNSmoother"),
+    ("py:class", "step.functionality.comps.trainer._loops.LoopMethods"),
+    ("py:class", "step.functionality.comps.trainer._checkpointing.CheckpointMethods"),
+    ("py:class", "contextlib.AbstractContextManager"),
 ]
 
 autodoc_default_options = {

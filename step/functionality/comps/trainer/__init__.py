@@ -6,6 +6,7 @@ from ._checkpoint import read_checkpoint, seed_everything
 from ._convergence import ConvergenceProbe
 from ._early_stopping import EarlyStopping
 from ._guard import NonFiniteError
+from ._plan import TrainingPlan
 from ._progress import train_loop_formatter
 from ._signals import TrainingInterrupted
 from ._split import category_random_split, make_loaders
@@ -16,6 +17,7 @@ from .sources import (
     FullMatrixSource,
     GraphBatchSource,
     MiniBatchSource,
+    Shard,
     SubgraphSource,
 )
 
@@ -28,9 +30,11 @@ __all__ = [
     "GraphBatchSource",
     "MiniBatchSource",
     "NonFiniteError",
+    "Shard",
     "SubgraphSource",
     "Trainer",
     "TrainingInterrupted",
+    "TrainingPlan",
     "category_random_split",
     "make_loaders",
     "read_checkpoint",

@@ -84,12 +84,19 @@ class BatchSource:
     A source only produces work; the fit loop decides when to train, validate, stop and
     save. Subclasses override :meth:`batches` and, when they validate,
     :meth:`validation_batches`; state that shapes future batches goes into
-    :meth:`state_dict`.
+    :meth:`state_dict`. After :meth:`bind`, ``self.plan`` (a :class:`TrainingPlan`)
+    computes loss terms and ``self.shard`` says which share of the work is this
+    process's.
+
+    Attributes
+    ----------
+    name
+        The loop name recorded in the history and the checkpoints.
+    valid_every
+        Validate every this many optimizer steps as well (None: at epoch ends only).
     """
 
-    #: the loop name recorded in the history and the checkpoints
     name = "custom"
-    #: validate every this many optimizer steps as well (None: at epoch ends only)
     valid_every: int | None = None
 
     def __init__(self) -> None:
