@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import shutil
 import warnings
 
 import numpy as np
@@ -69,9 +69,11 @@ def test_failure_at_the_first_call_falls_back():
     assert compiler("f", fn, 2) == 3 and compiler.failed
 
 
-@pytest.mark.skipif(not os.environ.get("STEP_TEST_COMPILE"),
-                    reason="compiling takes minutes on a small CPU; set STEP_TEST_COMPILE=1")
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                    reason="torch.compile on the CPU needs a C compiler")
 def test_compiled_loss_matches_eager():
+    """About a minute on a small CPU, most of it compiling."""
     x = {"x": toy_counts(32), "library": toy_counts(32).sum(1)}
     eager = Trainer(ToyVAE(), seed=0, verbose=False)
     compiled = Trainer(ToyVAE(), seed=0, verbose=False, compile=True)
