@@ -95,9 +95,3 @@ def resolve_precision(precision: str | None, amp: str | bool | None,
         msg = "precision 'fp16' (amp='fp16') needs a CUDA device; use 'bf16' on the CPU."
         raise ValueError(msg)
     return wanted
-
-
-def check_amp(amp: str | None, device: torch.device) -> str | None:
-    """The autocast setting of ``amp`` (None, ``"bf16"`` or ``"fp16"``), validated."""
-    chosen = resolve_precision(None, amp, device)
-    return None if chosen == "fp32" else chosen

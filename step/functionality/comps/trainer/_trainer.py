@@ -67,7 +67,7 @@ class Trainer(LoopMethods, CheckpointMethods):
         ``"fp32"`` (the default), ``"bf16"`` (autocast, CPU or GPU), ``"fp16"`` (GPU, with
         a GradScaler) or ``"auto"``: bf16 where the device computes it natively (CPUs
         with AMX-BF16 or AVX512-BF16, CUDA compute capability 8.0 or newer), fp32
-        elsewhere. The choice is :attr:`precision`.
+        elsewhere. The choice made is ``trainer.precision``.
     amp
         The older spelling of ``precision`` (None, ``"auto"``, ``"bf16"``, ``"fp16"``).
     compile
