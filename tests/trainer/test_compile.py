@@ -84,3 +84,16 @@ def test_compiled_loss_matches_eager():
     assert not compiled.plan.compiler.failed
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5)
+
+
+def test_mode_is_passed_to_torch_compile(monkeypatch):
+    modes = []
+
+    def fake_compile(fn, *, mode=None):
+        modes.append(mode)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    t = _train(compile="reduce-overhead")
+    assert modes == ["reduce-overhead"] and t.plan.compiler.active
+    assert np.isfinite(t.history["recon_loss"]).all()
