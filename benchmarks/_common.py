@@ -127,6 +127,7 @@ def machine(args: argparse.Namespace) -> dict[str, Any]:
         "date": f"{datetime.now(timezone.utc):%Y-%m-%d}",
         "cpu": _cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_bf16": cpu_bf16_flags(),
         "cores": os.cpu_count(),
         "memory_gib": None if mem is None else round(mem, 1),
         "gpu": gpu,
@@ -141,9 +142,19 @@ def machine(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def cpu_bf16_flags() -> str:
+    """The native-bf16 flags of this CPU (AMX-BF16, AVX512-BF16), or ``"none"``."""
+    from step.functionality.comps.trainer._device import BF16_CPU_FLAGS, cpu_flags
+
+    present = [flag for flag in BF16_CPU_FLAGS if flag in cpu_flags()]
+    return ", ".join(present) or "none"
+
+
 def machine_line(info: Mapping[str, Any]) -> str:
     mem = f", {info['memory_gib']} GiB RAM" if info.get("memory_gib") else ""
-    return (f"{info['date']}; {info['cpu']} ({info['cpu_capability']}), {info['cores']} cores"
+    bf16 = f"; native bf16: {info['cpu_bf16']}" if "cpu_bf16" in info else ""
+    return (f"{info['date']}; {info['cpu']} ({info['cpu_capability']}{bf16}), "
+            f"{info['cores']} cores"
             f"{mem}; GPU: {info['gpu']}; device {info['device']}, {info['threads']} torch "
             f"thread(s); torch {info['torch']}, step {info['step']} ({info['commit']})"
             f"{'; quick mode' if info['quick'] else ''}.")

@@ -9,7 +9,9 @@ the same way for both tools. Rows:
 - ``step``, 3 layers / 8 heads: the architecture of the public STEP release (hidden 64,
   32 modules of size 30, ZINB), fp32;
 - ``step``, 2 layers / 4 heads: the sizes above with this package's transformer defaults;
-- ``step``, both sizes under bf16 autocast (``Trainer(amp="bf16")``);
+- ``step``, both sizes under bf16 autocast (``Trainer(precision="bf16")``);
+- with ``--precision auto``, ``step`` at both sizes with ``Trainer(precision="auto")``:
+  bf16 where the machine computes it natively, fp32 elsewhere (the row says which);
 - ``step-kit 0.3``: its ``scModel(...).run()`` with the same sizes, data and batch size,
   run by ``benchmarks/peers/stepkit_driver.py`` in its own environment.
 
@@ -21,6 +23,7 @@ Usage::
 
     python benchmarks/throughput.py --quick             # PBMC + 10k cells
     python benchmarks/throughput.py --threads 1         # PBMC, 10k and 100k cells
+    python benchmarks/throughput.py --quick --precision auto
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import _common as C
 
 from step.datasets import pbmc68k_counts, synthetic_counts
 from step.functionality.comps.trainer import Trainer
+from step.functionality.comps.trainer._device import resolve_device, resolve_precision
 from step.models import TranscriptFormer
 from step.utils.dataset import ScDataset, index_loader
 
@@ -65,13 +69,13 @@ def epoch_rates(times: list[float], start: float, n_cells: int, steps_per_epoch:
             "steady_epoch_s": steady / (epochs - 1), "cells_per_s": n_cells * (epochs - 1) / steady}
 
 
-def train_ours(adata, arch: dict[str, Any], *, amp: str | None, epochs: int, device: str,
-               seed: int) -> dict[str, Any]:
+def train_ours(adata, arch: dict[str, Any], *, precision: str | None, epochs: int,
+               device: str, seed: int) -> dict[str, Any]:
     dataset = ScDataset(adata)
     model = TranscriptFormer(dataset.n_genes, kl_weight=KL_WEIGHT,
                              **{k: v for k, v in arch.items()})
     clock = C.StepClock(device)
-    trainer = Trainer(model, device=device, seed=seed, amp=amp, verbose=False,
+    trainer = Trainer(model, device=device, seed=seed, precision=precision, verbose=False,
                       callbacks=[clock], distributed=False)
     trainer.init_optimizer(lr=LR)
     loader = index_loader(dataset, BATCH_SIZE, shuffle=True, seed=seed)
@@ -103,6 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, help="epochs per run (at least 2), for all data")
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 rows (in "
                         "--quick mode they run on the PBMC counts only)")
+    parser.add_argument("--precision", choices=["auto"], help="also run rows with "
+                        "Trainer(precision='auto') (bf16 only where it is native)")
     args = parser.parse_args(argv)
     C.setup(args)
     table_epochs = QUICK_EPOCHS if args.quick else EPOCHS
@@ -133,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
             base = {"dataset": name, "n_cells": adata.n_obs, "n_genes": adata.n_vars,
                     "epochs": (epochs, epochs - 1)}
             h5ad = C.write_counts_h5ad(adata, tmp / f"{name}.h5ad")
-            # (tool, architecture, precision label, amp or "stepkit")
+            # (tool, architecture, precision label, precision or "stepkit")
             runs: list[tuple[str, str, str, Any]] = [
                 ("step", "same", "fp32", None),
                 ("step-kit", "same", "fp32", "stepkit"),
@@ -144,6 +150,10 @@ def main(argv: list[str] | None = None) -> None:
                     ("step", "same", "bf16 autocast", "bf16"),
                     ("step", "defaults", "bf16 autocast", "bf16"),
                 ]
+            if args.precision == "auto":
+                chosen = resolve_precision("auto", None, resolve_device(args.device))
+                runs += [("step", arch, f"auto ({chosen})", "auto")
+                         for arch in ("same", "defaults")]
             rows = []
             for tool, arch, precision, how in runs:
                 print(f"[{name}] {tool}, {C.ARCH_LABELS[arch]}, {precision}: {epochs} epochs",
@@ -156,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
                         tool = f"step-kit {result.pop('version')}"
                     else:
                         result = train_ours(adata, C.SAME_ARCH if arch == "same" else
-                                            C.OUR_DEFAULTS, amp=how, epochs=epochs,
+                                            C.OUR_DEFAULTS, precision=how, epochs=epochs,
                                             device=args.device, seed=args.seed)
                 except C.StepkitUnavailable as err:
                     skipped.append(f"step-kit rows skipped: {err}")

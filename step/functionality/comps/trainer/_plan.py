@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._compile import LossCompiler, check_compile
 from ._early_stopping import TOTAL_KEY
 from ._optim import kl_warmup_factor
 
@@ -64,11 +65,14 @@ class TrainingPlan:
         Linear warm-up of the model's KL weight over this many loop epochs (0: off).
         Validation always uses the full KL weight, so validation values of different
         epochs stay comparable (and early stopping compares like with like).
+    compile
+        ``True`` or a ``torch.compile`` mode: compile ``model.loss``/``graph_loss`` once
+        (at first use); on failure, warn once and continue eagerly.
     """
 
     def __init__(self, model: nn.Module, device: torch.device, *, amp: str | None = None,
                  loss_weights: Mapping[str, float] | None = None,
-                 kl_warmup_epochs: int = 0) -> None:
+                 kl_warmup_epochs: int = 0, compile: bool | str = False) -> None:
         self.model = model
         self.device = device
         self.amp = amp
@@ -77,6 +81,7 @@ class TrainingPlan:
         #: epoch of the running loop, for the KL warm-up
         self.loop_epoch = 0
         self.evaluating = False
+        self.compiler = LossCompiler(check_compile(compile))
 
     # -- context ------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -134,7 +139,8 @@ class TrainingPlan:
         with self.autocast():
             if call_func is not None:
                 return call_func(inputs)
-            return self.model.loss(as_inputs(inputs), **self.loss_kwargs())
+            return self.compiler("loss", self.model.loss, as_inputs(inputs),
+                                 **self.loss_kwargs())
 
     def graph_loss(self, graph: Any, dataset: Any, mask: torch.Tensor | None = None, *,
                    end_to_end: bool = False) -> dict[str, torch.Tensor]:
@@ -148,8 +154,9 @@ class TrainingPlan:
         if mask is not None:
             mask = mask.to(self.device, non_blocking=True)
         with self.autocast():
-            return self.model.graph_loss(inputs, edge_index, loss_mask=mask,
-                                         end_to_end=end_to_end, **self.loss_kwargs())
+            return self.compiler("graph_loss", self.model.graph_loss, inputs, edge_index,
+                                 loss_mask=mask, end_to_end=end_to_end,
+                                 **self.loss_kwargs())
 
     def total(self, loss_dict: Mapping[str, Any]) -> torch.Tensor:
         """The weighted sum of the tensor terms, as a float32 scalar."""

@@ -14,7 +14,7 @@ from torch import nn
 from . import _checkpoint as ckpt
 from ._checkpointing import CheckpointMethods
 from . import _distributed as ddp
-from ._device import check_amp, resolve_device
+from ._device import resolve_device, resolve_precision
 from ._early_stopping import EarlyStopping, StopRule
 from ._evaluation import EvaluationLoop
 from ._fit_loop import FitLoop
@@ -63,9 +63,16 @@ class Trainer(LoopMethods, CheckpointMethods):
         improved by more than its stopper's ``delta``.
     grad_clip
         Maximum gradient norm (``None``: no clipping).
+    precision
+        ``"fp32"`` (the default), ``"bf16"`` (autocast, CPU or GPU), ``"fp16"`` (GPU, with
+        a GradScaler) or ``"auto"``: bf16 where the device computes it natively (CPUs
+        with AMX-BF16 or AVX512-BF16, CUDA compute capability 8.0 or newer), fp32
+        elsewhere. The choice made is ``trainer.precision``.
     amp
-        ``None``, ``"auto"``, ``"bf16"`` (autocast, CPU or GPU) or ``"fp16"`` (GPU, with a
-        GradScaler).
+        The older spelling of ``precision`` (None, ``"auto"``, ``"bf16"``, ``"fp16"``).
+    compile
+        ``True`` or ``"reduce-overhead"`` (a ``torch.compile`` mode): compile the loss
+        computation; if compiling fails, warn once and train uncompiled.
     weight_decay
         Decoupled weight decay (AdamW) when positive; plain Adam otherwise.
     kl_warmup_epochs
@@ -104,7 +111,8 @@ class Trainer(LoopMethods, CheckpointMethods):
                  seed: int | None = None, loss_weights: Mapping[str, float] | None = None,
                  early_stopping: StopConfig | bool | None = None, stop_rule: str = "all",
                  restore_best: bool = True, grad_clip: float | None = None,
-                 amp: str | None = None, weight_decay: float = 0.0, kl_warmup_epochs: int = 0,
+                 precision: str | None = None, amp: str | None = None,
+                 compile: bool | str = False, weight_decay: float = 0.0, kl_warmup_epochs: int = 0,
                  check_finite: bool = True, max_bad_steps: int = 20,
                  on_nonfinite: str = "rollback", max_rollbacks: int = 3,
                  cache_on_device: bool = False,
@@ -132,8 +140,11 @@ class Trainer(LoopMethods, CheckpointMethods):
         self.checkpoint_path, self.checkpoint_every = checkpoint_path, checkpoint_every
         self.callbacks = list(callbacks)
         self.verbose, self.trace_func = verbose, trace_func
-        self.plan = TrainingPlan(self.model, self.device, amp=check_amp(amp, self.device),
-                                 loss_weights=loss_weights, kl_warmup_epochs=kl_warmup_epochs)
+        self.precision = resolve_precision(precision, amp, self.device)
+        self.plan = TrainingPlan(self.model, self.device,
+                                 amp=None if self.precision == "fp32" else self.precision,
+                                 loss_weights=loss_weights, kl_warmup_epochs=kl_warmup_epochs,
+                                 compile=compile)
         self.guard = NonFiniteGuard(max_bad_steps=max_bad_steps, on_nonfinite=on_nonfinite,
                                     max_rollbacks=max_rollbacks, say=self.say)
         self.step = TrainingStep(self.plan, self.guard, grad_clip=grad_clip,
