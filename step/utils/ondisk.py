@@ -176,6 +176,9 @@ class OnDiskDataset(BaseDataset):
     genes
         Gene order of the dataset; the first file's genes when ``None``. Each file's
         columns are reordered to it; genes a file has beyond these are not used.
+    obs
+        Annotations to read labels from instead of the files' obs (one row per
+        cell, in the files' row order), e.g. with categories aligned to a model.
     mode
         Initial mode, one of ``"expr"``, ``"batch"``, ``"class"``.
 
@@ -207,6 +210,7 @@ class OnDiskDataset(BaseDataset):
         batch_key: str | None = None,
         class_key: str | None = None,
         genes: Sequence[str] | None = None,
+        obs: pd.DataFrame | None = None,
         mode: str = MODES.EXPR,
     ) -> None:
         if isinstance(sources, str | os.PathLike | ad.AnnData):
@@ -218,7 +222,8 @@ class OnDiskDataset(BaseDataset):
         self._files = [_CountsFile(_source_path(s), layer) for s in sources]
         for f in self._files:
             for key, role in ((batch_key, "batch_key"), (class_key, "class_key")):
-                if key is not None and key not in f.obs.columns:
+                columns = f.obs.columns if obs is None else obs.columns
+                if key is not None and key not in columns:
                     msg = f"{f.name}: {role} {key!r} is not a column of obs; columns: {_listing(f.obs.columns)}"
                     raise KeyError(msg)
 
@@ -238,6 +243,11 @@ class OnDiskDataset(BaseDataset):
             raise ValueError(msg)
         frames = [f.obs for f in self._files]
         self._obs = frames[0].copy() if len(frames) == 1 else pd.concat(frames, axis=0)
+        if obs is not None:
+            if len(obs) != self._n_obs:
+                msg = f"obs has {len(obs)} rows, the files hold {self._n_obs} cells"
+                raise ValueError(msg)
+            self._obs = obs.copy()
         self._obs_names = pd.Index(self._obs.index.astype(str))
         self._library = _read_only(self._scan())
         self._warn_empty_cells()
