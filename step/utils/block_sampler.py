@@ -65,7 +65,7 @@ class BlockBatchSampler(Sampler[np.ndarray]):
     Notes
     -----
     Like :class:`~step.utils.dataset.IndexBatchSampler`, each iteration draws from
-    :attr:`generator`, which the Trainer reseeds every epoch, so an epoch's order
+    ``generator``, which the Trainer reseeds every epoch, so an epoch's order
     depends only on that seed.
     """
 
@@ -97,7 +97,7 @@ class BlockBatchSampler(Sampler[np.ndarray]):
         return -(-self.n // self.batch_size)
 
     def order(self) -> np.ndarray:
-        """One epoch's order of all positions (draws from :attr:`generator`)."""
+        """One epoch's order of all positions (draws from ``generator``)."""
         if not self.shuffle:
             return np.arange(self.n, dtype=np.int64)
         n_blocks = -(-self.n // self.block_size)
