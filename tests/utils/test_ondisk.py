@@ -179,3 +179,17 @@ def test_bad_files_are_refused_naming_the_file(pbmc_files, tmp_path):
         OnDiskDataset(h5ad, batch_key="sample")
     with pytest.raises(TypeError, match="in memory"):
         OnDiskDataset(adata)
+
+
+def test_dataset_pickles_without_open_files(pbmc_files):
+    import pickle
+
+    adata, h5ad, zarr = pbmc_files
+    mem = ScDataset(adata)
+    for path in (h5ad, zarr):
+        disk = OnDiskDataset(path)
+        disk[[0, 1]]  # opens the store
+        copy = pickle.loads(pickle.dumps(disk))
+        assert _same(copy[[9, 4, 600]], mem[[9, 4, 600]])
+        disk.close()
+        assert _same(disk[[3]], mem[[3]])  # reopened on the next read
