@@ -147,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "validation split; needed by --refine-epochs)")
     data.add_argument("--n-top-genes", type=_positive_int,
                       help="keep this many highly variable genes (default: all)")
+    data.add_argument("--backed", action="store_true",
+                      help="leave the counts on disk and read them in mini-batches (for data "
+                      "larger than memory; CSR counts, not with --spatial or --n-top-genes); "
+                      "result.h5ad then holds obs, var and obsm without the counts")
     spatial = fit.add_argument_group("spatial (only with --spatial)")
     spatial.add_argument("--spatial", action="store_true",
                          help="spatial workflow: smooth over neighbour graphs, find domains")
@@ -333,11 +337,11 @@ def _prepare_out(out: Path, stale: Sequence[Path]) -> Path:
     return out / "run" / "checkpoints"
 
 
-def _read_input(path: Path) -> Any:
+def _read_input(path: Path, *, backed: bool = False) -> Any:
     import anndata as ad
 
     try:
-        return ad.read_h5ad(path)
+        return ad.read_h5ad(path, backed="r") if backed else ad.read_h5ad(path)
     except Exception as err:  # noqa: BLE001 - h5py and anndata raise many types
         msg = f"cannot read {str(path)!r} as AnnData: {type(err).__name__}: {err}"
         raise UsageError(msg) from err
@@ -413,11 +417,14 @@ def _fit(args: argparse.Namespace) -> int:
     if args.refine_epochs and not args.class_key:
         msg = "--refine-epochs needs --class-key (the obs column with cell labels)"
         raise UsageError(msg)
+    if args.backed and (args.spatial or args.n_top_genes):
+        msg = "--backed applies to single-cell data with all genes (not --spatial or --n-top-genes)"
+        raise UsageError(msg)
     _check_device(args.device)
     path = _check_input(args.input)
     resume = _check_resume_file(args.resume)
     stale = _check_out(out, overwrite=args.overwrite, resume=resume)
-    adata = _read_input(path)
+    adata = _read_input(path, backed=args.backed)
     if args.spatial and args.n_clusters > adata.n_obs:
         msg = f"--n-clusters {args.n_clusters} exceeds the {adata.n_obs} spots of {args.input!r}"
         raise UsageError(msg)
@@ -456,6 +463,11 @@ def _fit(args: argparse.Namespace) -> int:
     if args.refine_epochs > 0:
         _train(model.refine, checkpoints, epochs=args.refine_epochs, verbose=not args.quiet,
                resumable=False)
+    if args.backed:  # the results without the counts, which stay in INPUT
+        import anndata as ad
+
+        adata = ad.AnnData(obs=adata.obs.copy(), var=adata.var.copy(), obsm=dict(adata.obsm),
+                           uns=dict(adata.uns))
     _finish(model, adata, out, use_rep="X_rep", color=color, spatial=None, seed=args.seed)
     return 0
 

@@ -95,6 +95,20 @@ def test_fit_single_cell(small_h5ad, tmp_path: Path, capsys) -> None:
 
 
 @pytest.mark.usefixtures("small_arch")
+def test_fit_backed_reads_counts_from_disk(small_h5ad, tmp_path: Path) -> None:
+    path, adata = small_h5ad
+    out = tmp_path / "out"
+    code = cli.main(["fit", str(path), "--out", str(out), "--backed", "--class-key",
+                     "bulk_labels", "--batch-key", "batch", "--epochs", "2", "--refine-epochs",
+                     "1", "--quiet"])
+    assert code == 0
+    result = _check_outputs(out, adata, obsm={"X_rep", "X_anchord"})
+    assert result.X is None and list(result.var_names) == list(adata.var_names)
+    assert cli.main(["fit", str(path), "--out", str(tmp_path / "o2"), "--backed",
+                     "--n-top-genes", "50"]) == 2
+
+
+@pytest.mark.usefixtures("small_arch")
 def test_fit_spatial(spatial_counts: ad.AnnData, tmp_path: Path) -> None:
     adata = spatial_counts[spatial_counts.obs["section"].isin(["section_0", "section_1"])
                            ].copy()

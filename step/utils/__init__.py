@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from step.utils.block_sampler import BlockBatchSampler
 from step.utils.dataset import (
     BaseDataset,
     IndexBatchSampler,
@@ -10,12 +11,15 @@ from step.utils.dataset import (
     StDataset,
     index_loader,
 )
+from step.utils.ondisk import OnDiskDataset
 from step.utils.preprocess import prepare_counts
 
 __all__ = [
     "BaseDataset",
+    "BlockBatchSampler",
     "IndexBatchSampler",
     "MaskedDataset",
+    "OnDiskDataset",
     "ScDataset",
     "StDataset",
     "index_loader",

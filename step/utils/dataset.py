@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from step._constants import ITEM_KEYS, MODES
+from step.utils.block_sampler import BlockBatchSampler
 from step.utils.validation import (
     check_adata,
     check_batch_size,
@@ -159,15 +160,30 @@ class BaseDataset(Dataset):
         self._obs = adata.obs.copy()
         ones = np.ones(self._n_genes, dtype=np.float64)
         self._library = _read_only(np.asarray(self._X @ ones, dtype=np.float32).reshape(-1))
+        self._warn_empty_cells()
+        self._init_annotations(adata, batch_key=batch_key, class_key=class_key, spatial_key=spatial_key, mode=mode)
+
+    def _warn_empty_cells(self) -> None:
+        """Warn when some cells have no counts (needs ``_library`` and ``_n_obs``)."""
         n_empty = int(np.count_nonzero(self._library == 0))
         if n_empty:
             warnings.warn(
                 f"{n_empty} of {self._n_obs} cells have no counts; consider removing them "
                 "(e.g. scanpy.pp.filter_cells(adata, min_counts=1))",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
 
+    def _init_annotations(
+        self,
+        adata: ad.AnnData,
+        *,
+        batch_key: str | None,
+        class_key: str | None,
+        spatial_key: str | None,
+        mode: str,
+    ) -> None:
+        """Encode batch and class labels and coordinates of ``adata``, then set the mode."""
         self._batch_key = batch_key
         if batch_key is None:
             self._batch_codes = np.zeros(self._n_obs, dtype=np.int64)
@@ -224,6 +240,14 @@ class BaseDataset(Dataset):
     def _root_rows(self, positions: np.ndarray) -> np.ndarray:
         """Map positions in this dataset to rows of the root matrix."""
         return positions
+
+    def _csr_rows(self, rows: np.ndarray) -> sp.csr_matrix:
+        """Rows of the root matrix as a float32 CSR matrix (root datasets only)."""
+        return self._X[rows]
+
+    def _dense_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Rows of the root matrix as a dense float32 array (root datasets only)."""
+        return self._X[rows].toarray()
 
     def __len__(self) -> int:
         return self._n_obs
@@ -374,7 +398,7 @@ class BaseDataset(Dataset):
         """
         if self.root is self:
             return self._X
-        return self.root._X[self.indices]
+        return self.root._csr_rows(self.indices)
 
     @property
     def library(self) -> np.ndarray:
@@ -463,7 +487,7 @@ class BaseDataset(Dataset):
         root = self.root
         rows = self._root_rows(positions)
         out: dict[str, torch.Tensor] = {
-            ITEM_KEYS.X: torch.from_numpy(root._X[rows].toarray()),
+            ITEM_KEYS.X: torch.from_numpy(root._dense_rows(rows)),
             ITEM_KEYS.LIBRARY: torch.from_numpy(root._library[rows]),
             ITEM_KEYS.INDEX: torch.from_numpy(positions.astype(np.int64, copy=True)),
         }
@@ -689,6 +713,8 @@ def index_loader(
     seed: int | None = None,
     num_workers: int = 0,
     pin_memory: bool = False,
+    block_size: int | None = None,
+    buffer_blocks: int = 16,
 ) -> DataLoader:
     """A DataLoader that gathers whole mini-batches by index.
 
@@ -712,6 +738,13 @@ def index_loader(
         Worker processes of the DataLoader.
     pin_memory
         Pin batches in page-locked memory.
+    block_size
+        ``None`` shuffles rows independently (:class:`IndexBatchSampler`); an integer
+        shuffles contiguous blocks of that many rows and rows within buffers of
+        ``buffer_blocks`` blocks (:class:`~step.utils.block_sampler.BlockBatchSampler`),
+        so each batch reads few contiguous ranges of an on-disk matrix.
+    buffer_blocks
+        Blocks shuffled together when ``block_size`` is set.
 
     Returns
     -------
@@ -729,7 +762,19 @@ def index_loader(
     if len(dataset) == 0:
         msg = "cannot build a loader over an empty dataset"
         raise ValueError(msg)
-    sampler = IndexBatchSampler(len(dataset), batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed)
+    sampler: Sampler[np.ndarray]
+    if block_size is None:
+        sampler = IndexBatchSampler(len(dataset), batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed)
+    else:
+        sampler = BlockBatchSampler(
+            len(dataset),
+            batch_size,
+            block_size=block_size,
+            buffer_blocks=buffer_blocks,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            seed=seed,
+        )
     return DataLoader(
         dataset,
         batch_size=None,

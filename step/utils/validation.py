@@ -74,7 +74,8 @@ def check_in_memory(adata: ad.AnnData) -> None:
     if adata.isbacked:
         msg = (
             f"the AnnData object is backed by the file {str(adata.filename)!r}; backed data is "
-            "not supported yet. Load it into memory with adata.to_memory() or "
+            "not supported here (only scModel trains from a backed file, see "
+            "step.utils.ondisk.OnDiskDataset). Load it into memory with adata.to_memory() or "
             "anndata.read_h5ad(path) without backed="
         )
         raise ValueError(msg)

@@ -24,6 +24,7 @@ from step.functionality.comps.trainer import (
 )
 from step.models import TranscriptFormer
 from step.utils.dataset import BaseDataset, ScDataset, index_loader
+from step.utils.ondisk import OnDiskDataset
 from step.utils.preprocess import prepare_counts
 from step.utils.validation import (
     check_adata,
@@ -103,10 +104,12 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
-def _check_input(adata: Any, *, for_training: bool = True) -> ad.AnnData:
-    """An in-memory AnnData with unique gene names (and at least two cells to train on)."""
+def _check_input(adata: Any, *, for_training: bool = True, allow_backed: bool = False) -> ad.AnnData:
+    """An AnnData with unique gene names (and at least two cells to train on), in memory
+    unless ``allow_backed``."""
     check_adata(adata)
-    check_in_memory(adata)
+    if not allow_backed:
+        check_in_memory(adata)
     check_unique_names(adata, axis="var")
     if for_training and adata.n_obs < 2:
         msg = (f"the AnnData object has {adata.n_obs} cell(s); training needs at least 2 "
@@ -136,6 +139,8 @@ class Workflow:
 
     #: Name recorded in ``config.json`` and checked by :meth:`load`.
     workflow_name = "Workflow"
+    #: Whether an AnnData opened with ``backed="r"`` is trained on from disk.
+    supports_backed = False
 
     def __init__(
         self,
@@ -157,7 +162,8 @@ class Workflow:
         _categories: Mapping[str, Sequence[str] | None] | None = None,
         _model_config: Mapping[str, Any] | None = None,
     ) -> None:
-        _check_input(adata, for_training=_genes is None)  # load() may embed one cell
+        # load() may embed one cell
+        _check_input(adata, for_training=_genes is None, allow_backed=self.supports_backed)
         seed = _check_seed(seed)
         for key, role in ((batch_key, "batch_key"), (class_key, "class_key")):
             if key is not None and _categories is None:
@@ -191,11 +197,37 @@ class Workflow:
         """Prepare the counts on a copy and build :attr:`dataset` over it."""
         if genes is not None:
             _io.check_genes(adata.var_names, genes)
+        if adata.isbacked:
+            self._prepare_backed(adata, genes=genes)
+            return
         self._prepared = prepare_counts(
             adata, layer=self.layer, n_top_genes=None if genes is not None else self.n_top_genes,
             batch_key=self.batch_key if genes is None else None, genes=genes)
         self._align_categories(self._prepared)
         self.dataset = self._make_dataset(self._prepared)
+        if self._categories.get("batch") is None:
+            self._categories["batch"] = self.dataset.batch_categories
+        if self._categories.get("class") is None:
+            self._categories["class"] = self.dataset.class_categories
+
+    def _prepare_backed(self, adata: ad.AnnData, *, genes: Sequence[str] | None) -> None:
+        """Build :attr:`dataset` over the file behind ``adata``, leaving the counts on disk.
+
+        :attr:`_prepared` then holds only obs and the genes (no counts).
+        """
+        if genes is None and self.n_top_genes is not None:
+            msg = ("n_top_genes needs the counts in memory; with backed data select the genes "
+                   "beforehand (e.g. write a file with only those genes) or load the data "
+                   "into memory with adata.to_memory().")
+            raise ValueError(msg)
+        names = [str(g) for g in (adata.var_names if genes is None else genes)]
+        self._prepared = ad.AnnData(obs=adata.obs.copy(), var=pd.DataFrame(index=pd.Index(names)))
+        self._align_categories(self._prepared)
+        obs = self._prepared.obs
+        self.dataset = OnDiskDataset(
+            adata, layer=self.layer, genes=names, obs=obs, mode=MODES.BATCH,
+            batch_key=self.batch_key if self.batch_key in obs.columns else None,
+            class_key=self.class_key if self.class_key in obs.columns else None)
         if self._categories.get("batch") is None:
             self._categories["batch"] = self.dataset.batch_categories
         if self._categories.get("class") is None:

@@ -31,6 +31,10 @@ class scModel(Workflow):  # noqa: N801 - the name users know from STEP
     ----------
     adata
         Cells x genes AnnData with raw integer counts in ``X`` or ``layers[layer]``.
+        An AnnData opened with ``anndata.read_h5ad(path, backed="r")`` (CSR counts) is
+        trained on from the file, reading mini-batches from disk
+        (:class:`~step.utils.ondisk.OnDiskDataset`); ``n_top_genes`` then needs the
+        counts in memory and is refused.
     layer
         Layer with the counts; ``None`` reads ``X``.
     batch_key
@@ -70,6 +74,7 @@ class scModel(Workflow):  # noqa: N801 - the name users know from STEP
     """
 
     workflow_name = "scModel"
+    supports_backed = True
 
     def __init__(
         self,

@@ -1,0 +1,332 @@
+"""Single-cell counts read from disk in mini-batches, one file or a collection of files.
+
+:class:`OnDiskDataset` behaves like :class:`step.utils.dataset.ScDataset` for the
+Trainer (same batch dicts, ``n_genes``, ``obs``, ``subset`` views, ``len``) but keeps
+the count matrix on disk: an ``.h5ad`` file (also one opened with
+``anndata.read_h5ad(path, backed="r")``) or a ``.zarr`` store holding a CSR matrix in
+``X`` or in a layer. Rows are read with anndata's own sparse reader
+(:func:`anndata.io.sparse_dataset`), always in increasing order: a batch's rows are
+sorted and de-duplicated, read, and put back in the requested order in memory,
+because sorted reads are much faster than random ones in HDF5 and zarr.
+
+Several files form one collection: their rows are concatenated and their columns
+are matched by gene name to one gene order (the first file's unless ``genes`` is
+given). A file that lacks some of the genes is refused with the list of what it lacks.
+Only obs, gene names and per-cell totals are kept in memory.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from step._constants import MODES
+from step.utils.dataset import BaseDataset, _read_only
+from step.utils.validation import check_counts
+
+try:  # anndata >= 0.11
+    from anndata.io import read_elem, sparse_dataset
+except ImportError:  # pragma: no cover - older anndata
+    from anndata.experimental import read_elem, sparse_dataset
+
+__all__ = ["OnDiskDataset"]
+
+PathLike = str | os.PathLike
+Source = PathLike | ad.AnnData
+
+#: Rows read at once when scanning a file for totals and count checks.
+_SCAN_ROWS = 8192
+
+
+def _listing(names: Sequence[Any], limit: int = 20) -> str:
+    names = [str(n) for n in names]
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _source_path(source: Source) -> Path:
+    if isinstance(source, ad.AnnData):
+        if not source.isbacked:
+            msg = (
+                "the AnnData object is in memory; use ScDataset for it, or pass the path of an "
+                ".h5ad/.zarr file (or anndata.read_h5ad(path, backed='r'))"
+            )
+            raise TypeError(msg)
+        return Path(source.filename)
+    if not isinstance(source, str | os.PathLike):
+        msg = f"expected a path to an .h5ad or .zarr store or a backed AnnData, received {type(source).__name__}"
+        raise TypeError(msg)
+    return Path(source)
+
+
+class _CountsFile:
+    """One on-disk AnnData store: its obs, gene names and CSR counts element.
+
+    The store is opened lazily and reopened after unpickling (DataLoader workers).
+    """
+
+    def __init__(self, path: Path, layer: str | None) -> None:
+        self.path = path
+        if not path.exists():
+            msg = f"{str(path)!r}: no such file or directory"
+            raise FileNotFoundError(msg)
+        if path.is_dir() or path.suffix == ".zarr":
+            self.kind = "zarr"
+        elif path.suffix in (".h5ad", ".h5"):
+            self.kind = "h5ad"
+        else:
+            msg = f"{str(path)!r}: expected an .h5ad file or a .zarr store"
+            raise ValueError(msg)
+        self.element = "X" if layer is None else f"layers/{layer}"
+        self._store: Any = None
+        self._counts: Any = None
+        store = self.store
+        self.obs: pd.DataFrame = read_elem(store["obs"])
+        self.var_names = pd.Index(read_elem(store["var"]).index.astype(str))
+        self._check_element(store, layer)
+        self.n_obs, n_vars = (int(s) for s in self.counts.shape)
+        if n_vars != len(self.var_names) or self.n_obs != len(self.obs):
+            msg = f"{self.name}: {self.element} has shape {self.counts.shape}, obs x var is {len(self.obs)} x {len(self.var_names)}"
+            raise ValueError(msg)
+
+    @property
+    def name(self) -> str:
+        """The path, quoted, for messages."""
+        return repr(str(self.path))
+
+    def _check_element(self, store: Any, layer: str | None) -> None:
+        layers = list(store["layers"].keys()) if "layers" in store else []
+        if layer is None and "X" not in store:
+            msg = f"{self.name} has no counts in X; pass layer= (layers: {_listing(layers) or 'none'})"
+            raise ValueError(msg)
+        if layer is not None and layer not in layers:
+            msg = f"{self.name}: layer {layer!r} not found; layers: {_listing(layers) or 'none'}"
+            raise KeyError(msg)
+        encoding = store[self.element].attrs.get("encoding-type", "dense array")
+        if encoding != "csr_matrix":
+            msg = (
+                f"{self.name}: {self.element} is stored as {encoding!r}; reading from disk needs a "
+                "CSR sparse matrix (write it with adata.X = scipy.sparse.csr_matrix(adata.X))"
+            )
+            raise ValueError(msg)
+
+    @property
+    def store(self) -> Any:
+        if self._store is None:
+            if self.kind == "zarr":
+                import zarr
+
+                self._store = zarr.open(str(self.path), mode="r")
+            else:
+                import h5py
+
+                self._store = h5py.File(self.path, "r")
+        return self._store
+
+    @property
+    def counts(self) -> Any:
+        """The counts element as an anndata sparse dataset."""
+        if self._counts is None:
+            self._counts = sparse_dataset(self.store[self.element])
+        return self._counts
+
+    def read(self, rows: np.ndarray | slice) -> sp.csr_matrix:
+        """Rows (a slice or increasing unique positions) as a float32 CSR matrix."""
+        if isinstance(rows, np.ndarray) and rows.size and rows[-1] - rows[0] + 1 == rows.size:
+            rows = slice(int(rows[0]), int(rows[-1]) + 1)
+        block = self.counts[rows]
+        if hasattr(block, "to_memory"):
+            block = block.to_memory()
+        return sp.csr_matrix(block, dtype=np.float32)
+
+    def close(self) -> None:
+        if self._store is not None and self.kind == "h5ad":
+            self._store.close()
+        self._store = self._counts = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_store"] = state["_counts"] = None
+        return state
+
+
+class OnDiskDataset(BaseDataset):
+    """Dataset over counts kept on disk, in one file or a collection of files.
+
+    Parameters
+    ----------
+    sources
+        Path of an ``.h5ad`` file or ``.zarr`` store, an AnnData opened with
+        ``backed="r"``, or a sequence of these read as one collection (rows
+        concatenated in order).
+    layer
+        Layer holding the counts in every file; ``None`` reads ``X``.
+    batch_key
+        Column of obs with batch labels (in every file); batch 0 when ``None``.
+    class_key
+        Column of obs with class labels (in every file).
+    genes
+        Gene order of the dataset; the first file's genes when ``None``. Each file's
+        columns are reordered to it; genes a file has beyond these are not used.
+    obs
+        Annotations to read labels from instead of the files' obs (one row per
+        cell, in the files' row order), e.g. with categories aligned to a model.
+    mode
+        Initial mode, one of ``"expr"``, ``"batch"``, ``"class"``.
+
+    Raises
+    ------
+    FileNotFoundError
+        If a path does not exist.
+    KeyError
+        If a layer or obs column is missing from a file (the message names the file).
+    ValueError
+        If a file lacks some genes (listed), stores no CSR counts, or holds
+        values that are not counts.
+
+    Notes
+    -----
+    Opening scans each file once, in blocks of rows, to check the counts and compute
+    the per-cell totals; the matrix itself is never held in memory. ``dataset[idx]``
+    reads the rows of ``idx`` in increasing order and returns the same dict as
+    :class:`~step.utils.dataset.ScDataset`. Use block shuffling
+    (``index_loader(..., block_size=...)``) when training, so that each batch reads a
+    few contiguous ranges instead of one range per cell.
+    """
+
+    def __init__(
+        self,
+        sources: Source | Sequence[Source],
+        *,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        class_key: str | None = None,
+        genes: Sequence[str] | None = None,
+        obs: pd.DataFrame | None = None,
+        mode: str = MODES.EXPR,
+    ) -> None:
+        if isinstance(sources, str | os.PathLike | ad.AnnData):
+            sources = [sources]
+        sources = list(sources)
+        if not sources:
+            msg = "no files given"
+            raise ValueError(msg)
+        self._files = [_CountsFile(_source_path(s), layer) for s in sources]
+        for f in self._files:
+            for key, role in ((batch_key, "batch_key"), (class_key, "class_key")):
+                columns = f.obs.columns if obs is None else obs.columns
+                if key is not None and key not in columns:
+                    msg = f"{f.name}: {role} {key!r} is not a column of obs; columns: {_listing(f.obs.columns)}"
+                    raise KeyError(msg)
+
+        self._var_names = pd.Index(self._files[0].var_names if genes is None else [str(g) for g in genes])
+        if self._var_names.has_duplicates:
+            dup = self._var_names[self._var_names.duplicated()].unique()
+            msg = f"gene names must be unique; duplicated: {_listing(dup)}"
+            raise ValueError(msg)
+        self._columns = self._match_genes()
+
+        self._layer = layer
+        self._n_genes = len(self._var_names)
+        self._offsets = np.cumsum([0] + [f.n_obs for f in self._files]).astype(np.int64)
+        self._n_obs = int(self._offsets[-1])
+        if self._n_obs == 0 or self._n_genes == 0:
+            msg = f"the data are empty ({self._n_obs} cells x {self._n_genes} genes)"
+            raise ValueError(msg)
+        frames = [f.obs for f in self._files]
+        self._obs = frames[0].copy() if len(frames) == 1 else pd.concat(frames, axis=0)
+        if obs is not None:
+            if len(obs) != self._n_obs:
+                msg = f"obs has {len(obs)} rows, the files hold {self._n_obs} cells"
+                raise ValueError(msg)
+            self._obs = obs.copy()
+        self._obs_names = pd.Index(self._obs.index.astype(str))
+        self._library = _read_only(self._scan())
+        self._warn_empty_cells()
+        annotations = SimpleNamespace(obs=self._obs, obsm={})
+        self._init_annotations(annotations, batch_key=batch_key, class_key=class_key, spatial_key=None, mode=mode)
+
+    # ------------------------------------------------------------------ set-up
+    def _match_genes(self) -> list[np.ndarray | None]:
+        """Per file, the columns giving the dataset's gene order (``None``: as stored)."""
+        columns: list[np.ndarray | None] = []
+        problems = []
+        for f in self._files:
+            if f.var_names.has_duplicates:
+                problems.append(f"{f.name} has duplicated gene names: {_listing(f.var_names[f.var_names.duplicated()])}")
+                continue
+            missing = self._var_names.difference(f.var_names, sort=False)
+            if len(missing):
+                problems.append(f"{f.name} lacks {len(missing)} genes: {_listing(missing)}")
+                continue
+            if f.var_names.equals(self._var_names):
+                columns.append(None)
+            else:
+                columns.append(f.var_names.get_indexer(self._var_names).astype(np.int64))
+        if problems:
+            msg = "the files do not share the dataset's genes:\n  " + "\n  ".join(problems)
+            raise ValueError(msg)
+        return columns
+
+    def _scan(self) -> np.ndarray:
+        """Check every file's counts and return per-cell totals, reading blocks of rows."""
+        library = np.empty(self._n_obs, dtype=np.float32)
+        ones = np.ones(self._n_genes, dtype=np.float64)
+        for f, cols, offset in zip(self._files, self._columns, self._offsets, strict=False):
+            for start in range(0, f.n_obs, _SCAN_ROWS):
+                stop = min(start + _SCAN_ROWS, f.n_obs)
+                block = f.read(slice(start, stop))
+                check_counts(block, name=f"{f.name} {f.element} (rows {start} to {stop - 1})")
+                if cols is not None:
+                    block = block[:, cols]
+                library[offset + start : offset + stop] = np.asarray(block @ ones, dtype=np.float32).reshape(-1)
+        return library
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def files(self) -> list[Path]:
+        """Paths of the files, in row order."""
+        return [f.path for f in self.root._files]
+
+    def _read_sorted(self, rows: np.ndarray) -> sp.csr_matrix:
+        """Rows given as increasing unique positions, in the dataset's gene order."""
+        parts = []
+        which = np.searchsorted(self._offsets, rows, side="right") - 1
+        for i in np.unique(which):
+            f, cols = self._files[i], self._columns[i]
+            block = f.read(rows[which == i] - self._offsets[i])
+            parts.append(block if cols is None else block[:, cols])
+        if not parts:
+            return sp.csr_matrix((0, self._n_genes), dtype=np.float32)
+        return parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr", dtype=np.float32)
+
+    def _csr_rows(self, rows: np.ndarray) -> sp.csr_matrix:
+        unique, inverse = np.unique(rows, return_inverse=True)
+        block = self._read_sorted(unique)
+        if unique.size == rows.size and np.array_equal(unique, rows):
+            return block
+        return block[inverse.reshape(-1)]
+
+    def _dense_rows(self, rows: np.ndarray) -> np.ndarray:
+        return self._csr_rows(rows).toarray()
+
+    @property
+    def X(self) -> sp.csr_matrix:
+        """Counts of this dataset's items read into memory as a float32 CSR matrix."""
+        return self.root._csr_rows(self.indices)
+
+    def close(self) -> None:
+        """Close the open files (they are reopened on the next read)."""
+        for f in self._files:
+            f.close()
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f", n_files={len(self._files)})"
