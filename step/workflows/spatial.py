@@ -19,7 +19,7 @@ from step.graph import NeighborSampler, build_spatial_graph, section_graphs
 from step.utils.dataset import BaseDataset, StDataset, index_loader
 from step.utils.validation import check_adata, check_obs_key, check_obsm_key
 from step.workflows._base import Workflow, _check_positive_int
-from step.workflows._cluster import cluster_labels
+from step.workflows._cluster import cluster_labels, spatial_majority_vote
 
 __all__ = ["stModel"]
 
@@ -410,6 +410,7 @@ class stModel(Workflow):  # noqa: N801 - the name users know from STEP
         use_rep: str = ADATA_KEYS.X_SMOOTHED,
         key_added: str = ADATA_KEYS.DOMAIN,
         seed: int | None = None,
+        refine: bool = False,
     ) -> None:
         """Cluster an embedding into spatial domains.
 
@@ -425,6 +426,11 @@ class stModel(Workflow):  # noqa: N801 - the name users know from STEP
             obs column for the domains.
         seed
             Clustering seed (default: the model's seed).
+        refine
+            Smooth the labels over the model's spatial graph: one majority-vote pass
+            (:func:`~step.workflows._cluster.spatial_majority_vote`) gives a spot the
+            label carried by more than half of its spatial neighbours, which fixes
+            isolated mislabels inside a domain and keeps borders and thin layers.
 
         Returns
         -------
@@ -437,6 +443,9 @@ class stModel(Workflow):  # noqa: N801 - the name users know from STEP
         rep = self._require_obsm(use_rep)
         labels = cluster_labels(rep, n_clusters, method=method,
                                 seed=self.seed if seed is None else seed)
+        if refine:
+            labels = spatial_majority_vote(labels, self.graph.edge_index)
+            labels = np.unique(labels, return_inverse=True)[1]
         names = [str(c) for c in range(int(labels.max()) + 1)]
         self.adata.obs[key_added] = pd.Categorical(labels.astype(str), categories=names)
 
