@@ -26,6 +26,28 @@ __all__ = ["stModel"]
 MODES_OF_TRAINING = ("two-stage", "end-to-end")
 GRAPH_METHODS = ("knn", "radius", "hex")
 
+#: Optimizer steps that the default number of epochs aims at: stage 1 of the two-stage
+#: mode, the end-to-end mode, and stage 2 (one step per batch of whole sections).
+STAGE1_STEPS = 1500
+END_TO_END_STEPS = 200
+GRAPH_STEPS = 20
+#: Bounds of the default number of epochs.
+EPOCHS_MIN, EPOCHS_MAX = 10, 300
+GRAPH_EPOCHS_MIN, GRAPH_EPOCHS_MAX = 2, 20
+
+
+def default_epochs(steps_per_epoch: int, target_steps: int, *, lo: int = EPOCHS_MIN,
+                   hi: int = EPOCHS_MAX) -> int:
+    """Epochs that give about ``target_steps`` optimizer steps, within ``[lo, hi]``: small
+    data get more epochs (each has few steps), large data fewer."""
+    return int(np.clip(round(target_steps / max(int(steps_per_epoch), 1)), lo, hi))
+
+
+def default_batch_size(n_train: int) -> int:
+    """Spots per stage-1 mini-batch: about a twentieth of the training spots, as a power of
+    two in ``[32, 128]`` (small sections still get many steps per epoch)."""
+    return int(np.clip(2 ** round(np.log2(max(n_train, 1) / 20)), 32, 128))
+
 
 class _Graph:
     """The spatial graph of one AnnData: global edges, section codes, section graphs."""
@@ -123,6 +145,7 @@ class stModel(Workflow):  # noqa: N801 - the name users know from STEP
         module_dim: int = 30,
         n_layers: int = 2,
         likelihood: str = "zinb",
+        kl_weight: float = 0.1,
         smoother_layers: int = 2,
         node_limit: int = 50_000,
         seed: int = 0,
@@ -136,7 +159,7 @@ class stModel(Workflow):  # noqa: N801 - the name users know from STEP
             adata, layer=layer, batch_key=batch_key, class_key=None, n_top_genes=n_top_genes,
             hidden_dim=hidden_dim, n_modules=n_modules, module_dim=module_dim,
             n_layers=n_layers, likelihood=likelihood, seed=seed, device=device,
-            model_kw=model_kw,
+            model_kw={"kl_weight": kl_weight, **model_kw},
         )
         self.graph = self._graph_of(self._prepared)
 
@@ -186,9 +209,9 @@ class stModel(Workflow):  # noqa: N801 - the name users know from STEP
         self,
         *,
         mode: str = "two-stage",
-        epochs: int = 100,
-        graph_epochs: int = 50,
-        batch_size: int = 128,
+        epochs: int | None = None,
+        graph_epochs: int | None = None,
+        batch_size: int | None = None,
         graph_batch_size: int = 1,
         lr: float = 1e-3,
         tune_lr: float = 1e-4,
@@ -223,11 +246,19 @@ class stModel(Workflow):  # noqa: N801 - the name users know from STEP
         mode
             ``"two-stage"`` or ``"end-to-end"``.
         epochs
-            Stage-1 epochs (two-stage) or node-sampler epochs (end-to-end).
+            Stage-1 epochs (two-stage) or node-sampler epochs (end-to-end). ``None``
+            scales them with the data so that training takes about
+            ``STAGE1_STEPS`` = 1,500 optimizer steps (two-stage) or
+            ``END_TO_END_STEPS`` = 200 (end-to-end), within 10-300 epochs
+            (:func:`default_epochs`): a section of a few hundred spots gets about 80
+            stage-1 epochs, 100,000 spots get 10. With 100 epochs of 128 spots, sections of
+            a few hundred spots had only ~500 steps and their domains were poor.
         graph_epochs
-            Stage-2 epochs (two-stage only).
+            Stage-2 epochs (two-stage only); ``None``: about ``GRAPH_STEPS`` = 20 steps
+            (one per batch of ``graph_batch_size`` sections), 2-20 epochs.
         batch_size
-            Spots per stage-1 mini-batch.
+            Spots per stage-1 mini-batch; ``None``: :func:`default_batch_size` (32 for a
+            few hundred spots, up to 128 from about 2,000 training spots).
         graph_batch_size
             Sections per step of the graph loops.
         lr, tune_lr
@@ -258,13 +289,26 @@ class stModel(Workflow):  # noqa: N801 - the name users know from STEP
         if mode not in MODES_OF_TRAINING:
             msg = f"mode must be one of {MODES_OF_TRAINING}, got {mode!r}."
             raise ValueError(msg)
-        epochs = _check_positive_int("epochs", epochs)
-        graph_epochs = _check_positive_int("graph_epochs", graph_epochs)
         graph_batch_size = _check_positive_int("graph_batch_size", graph_batch_size)
         trainer = self._make_trainer(checkpoint_dir=checkpoint_dir, probe=probe,
                                      verbose=verbose, trainer_kw=trainer_kw)
         self.dataset.set_mode(MODES.BATCH)
         train_view, valid_view = self._split(split_rate)
+        n_train = len(train_view)
+        if batch_size is None:
+            batch_size = default_batch_size(n_train)
+        batch_size = _check_positive_int("batch_size", batch_size)
+        if epochs is None:
+            per_epoch = (-(-n_train // batch_size) if mode == "two-stage"
+                         else -(-n_train // sampler_batch_size))
+            epochs = (default_epochs(per_epoch, STAGE1_STEPS) if mode == "two-stage"
+                      else default_epochs(per_epoch, END_TO_END_STEPS))
+        epochs = _check_positive_int("epochs", epochs)
+        if graph_epochs is None:
+            per_epoch = -(-len(self.graph.graphs) // graph_batch_size)
+            graph_epochs = default_epochs(per_epoch, GRAPH_STEPS, lo=GRAPH_EPOCHS_MIN,
+                                          hi=GRAPH_EPOCHS_MAX)
+        graph_epochs = _check_positive_int("graph_epochs", graph_epochs)
         train_ind = np.array(train_view.indices)
         valid_ind = np.array(valid_view.indices) if len(valid_view) else None
         resume_loop = "" if resume is None else _read_checkpoint_loop(resume)
