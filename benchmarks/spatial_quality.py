@@ -125,8 +125,16 @@ def summarise(args, runs: C.Table, cases: list[str], seeds: list[int], notes: li
                                r["method"] != "PCA (30 PCs)", r["method"]))
     table = C.Table(runs.name, runs.title, runs.columns, unique)
 
+    # seeds of a case for which every method of that case has a result (an interrupted
+    # run leaves the later seeds to some methods only); the summary uses these
+    common: dict[str, list[int]] = {}
+    for case in cases:
+        rows = [r for r in unique if r["case"] == case]
+        methods = {r["method"] for r in rows}
+        common[case] = [s for s in seeds
+                        if {r["method"] for r in rows if r["seed"] == s} == methods]
     summary = C.Table(args.name, "Spatial domain ARI per case (k-means, true number of "
-                      "domains; mean and sd over seeds)", [
+                      "domains; mean and sd over the seeds every method completed)", [
         C.Column("case", "case"), C.Column("method", "embedding"),
         C.Column("ari_mean", "ARI mean", C.fmt_float(3)),
         C.Column("ari_sd", "ARI sd", C.fmt_float(3)),
@@ -135,7 +143,7 @@ def summarise(args, runs: C.Table, cases: list[str], seeds: list[int], notes: li
     ])
     overall: dict[str, list[float]] = {}
     for case in cases:
-        rows = [r for r in unique if r["case"] == case]
+        rows = [r for r in unique if r["case"] == case and r["seed"] in common[case]]
         for method in dict.fromkeys(r["method"] for r in rows):
             values = [r["ari"] for r in rows if r["method"] == method]
             secs = [r["seconds"] for r in rows if r["method"] == method and r.get("seconds")]
