@@ -8,7 +8,13 @@ from typing import Any
 import anndata as ad
 import numpy as np
 
-__all__ = ["CLUSTER_METHODS", "cluster_labels", "leiden_for_n_clusters", "neighbor_graph"]
+__all__ = [
+    "CLUSTER_METHODS",
+    "cluster_labels",
+    "leiden_for_n_clusters",
+    "neighbor_graph",
+    "spatial_majority_vote",
+]
 
 CLUSTER_METHODS = ("kmeans", "leiden")
 
@@ -144,3 +150,54 @@ def cluster_labels(rep: Any, n_clusters: int, *, method: str = "kmeans", seed: i
         return KMeans(n_clusters, n_init=10, random_state=seed).fit_predict(rep).astype(np.int64)
     labels, _ = leiden_for_n_clusters(rep, n_clusters, n_neighbors=n_neighbors, seed=seed)
     return labels
+
+
+def spatial_majority_vote(labels: Any, edge_index: Any) -> np.ndarray:
+    """Relabel spots whose spatial neighbours mostly carry another label.
+
+    One synchronous pass: a spot takes the most frequent label among its neighbours
+    (self-loops ignored) when more than half of its neighbours carry that label and it is
+    not the spot's own; every other spot keeps its label. Isolated mislabels inside a
+    domain are fixed, while borders (where neighbours split) and thin layers (where a
+    spot's own label is common among its neighbours) are kept.
+
+    Parameters
+    ----------
+    labels
+        int labels ``(n_spots,)``.
+    edge_index
+        ``(2, E)`` neighbour pairs (source, target), e.g. from
+        :func:`step.graph.build_spatial_graph`; edges need not be symmetric.
+
+    Returns
+    -------
+    int64 labels of the same shape (a new array).
+    """
+    import scipy.sparse as sp
+
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        msg = f"labels must be 1-D, got shape {labels.shape}."
+        raise ValueError(msg)
+    codes, inverse = np.unique(labels, return_inverse=True)
+    n = labels.shape[0]
+    edges = np.asarray(edge_index.cpu() if hasattr(edge_index, "cpu") else edge_index)
+    if edges.ndim != 2 or edges.shape[0] != 2:
+        msg = f"edge_index must have shape (2, E), got {edges.shape}."
+        raise ValueError(msg)
+    src, dst = edges[0].astype(np.int64), edges[1].astype(np.int64)
+    if src.size and (min(src.min(), dst.min()) < 0 or max(src.max(), dst.max()) >= n):
+        msg = f"edge_index refers to nodes outside [0, {n})."
+        raise ValueError(msg)
+    keep = src != dst
+    src, dst = src[keep], dst[keep]
+    votes = sp.csr_matrix((np.ones(src.size), (src, inverse[dst])), shape=(n, codes.size))
+    votes.sum_duplicates()
+    votes = votes.toarray()
+    n_neighbours = votes.sum(axis=1)
+    top = votes.argmax(axis=1)
+    top_count = votes[np.arange(n), top]
+    change = (top != inverse) & (top_count > n_neighbours / 2)
+    out = inverse.copy()
+    out[change] = top[change]
+    return codes[out].astype(np.int64)
