@@ -105,24 +105,27 @@ def sync_gradients(params: Sequence[nn.Parameter], n_obs: int, total: torch.Tens
     (NaN when any process had a non-finite one, so that every process skips the step).
     """
     device = params[0].device
-    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-    has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
     total = torch.zeros((), device=device) if total is None else total.detach().float()
-    flat = torch.cat([g.reshape(-1).float() for g in grads]) * float(n_obs)
-    tail = torch.stack([torch.tensor(float(n_obs), device=device), total * float(n_obs)])
-    buf = torch.cat([flat, has, tail])
+    has = [p.grad is not None for p in params]
+    # a small first exchange: observation counts, weighted totals, which grads exist
+    head = torch.tensor([float(n_obs), *map(float, has)], device=device)
+    head = torch.cat([head, (total * float(n_obs)).reshape(1)])
     if world_size() > 1:
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-    count = buf[-2].clamp_min(1.0)
+        dist.all_reduce(head, op=dist.ReduceOp.SUM)
+    count = float(head[0].clamp_min(1.0))
+    present = head[1:-1].tolist()
+    # then one buffer of gradients, pre-scaled so that the sum is the weighted mean
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads]).float()
+    flat.mul_(float(n_obs) / count)
+    if world_size() > 1:
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     offset = 0
-    for p, g, flag in zip(params, grads, buf[len(flat):len(flat) + len(params)].tolist()):
-        n = g.numel()
-        if flag > 0:
-            p.grad = (buf[offset:offset + n] / count).view_as(p).to(p.dtype)
-        else:
-            p.grad = None
+    for p, flag in zip(params, present):
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p).to(p.dtype) if flag > 0 else None
         offset += n
-    return buf[-1] / count
+    return head[-1] / count
 
 
 def reduce_sums(sums: Mapping[str, float], counts: Mapping[str, float]
