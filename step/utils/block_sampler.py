@@ -1,4 +1,5 @@
-"""Block shuffling: random mini-batches that read few contiguous ranges of rows.
+"""Batch samplers of positions: plain shuffling, and block shuffling, whose random
+mini-batches read few contiguous ranges of rows.
 
 Reading the rows of a random batch from an on-disk sparse matrix (HDF5 or zarr)
 costs one chunk access per row, and chunk accesses dominate the time. Block
@@ -40,7 +41,69 @@ def _check_positive(value: Any, name: str) -> int:
     return int(value)
 
 
-class BlockBatchSampler(Sampler[np.ndarray]):
+class IndexBatchSampler(Sampler[np.ndarray]):
+    """Yields batches of positions (int64 arrays), reshuffled every epoch.
+
+    Parameters
+    ----------
+    n
+        Number of items.
+    batch_size
+        Items per batch.
+    shuffle
+        Draw a new random permutation each epoch; otherwise go in order.
+    drop_last
+        Drop the final batch when it is smaller than ``batch_size``.
+    seed
+        Seed of the sampler's own :class:`torch.Generator`. ``None`` seeds it from
+        torch's global generator, so :func:`torch.manual_seed` makes it reproducible.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        seed: int | None = None,
+    ) -> None:
+        self.n = int(n)
+        self.batch_size = check_batch_size(batch_size)
+        self.shuffle = bool(shuffle)
+        self.drop_last = bool(drop_last)
+        self.generator = torch.Generator()
+        if seed is None:
+            seed = int(torch.empty((), dtype=torch.int64).random_().item())
+        self.generator.manual_seed(int(seed))
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.n // self.batch_size
+        return -(-self.n // self.batch_size)
+
+    def order(self) -> np.ndarray:
+        """One epoch's order of all positions (draws from ``generator``)."""
+        if self.shuffle:
+            return torch.randperm(self.n, generator=self.generator).numpy()
+        return np.arange(self.n, dtype=np.int64)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        order = self.order()
+        stop = len(self) * self.batch_size
+        for start in range(0, min(stop, self.n), self.batch_size):
+            yield order[start : start + self.batch_size]
+
+    def state_dict(self) -> dict[str, Any]:
+        """State of the sampler's generator (for checkpoints)."""
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the generator state saved by :meth:`state_dict`."""
+        self.generator.set_state(state["generator"])
+
+
+class BlockBatchSampler(IndexBatchSampler):
     """Yields batches of positions drawn by block shuffling.
 
     Parameters
@@ -80,21 +143,9 @@ class BlockBatchSampler(Sampler[np.ndarray]):
         drop_last: bool = False,
         seed: int | None = None,
     ) -> None:
-        self.n = int(n)
-        self.batch_size = check_batch_size(batch_size)
         self.block_size = _check_positive(block_size, "block_size")
         self.buffer_blocks = _check_positive(buffer_blocks, "buffer_blocks")
-        self.shuffle = bool(shuffle)
-        self.drop_last = bool(drop_last)
-        self.generator = torch.Generator()
-        if seed is None:
-            seed = int(torch.empty((), dtype=torch.int64).random_().item())
-        self.generator.manual_seed(int(seed))
-
-    def __len__(self) -> int:
-        if self.drop_last:
-            return self.n // self.batch_size
-        return -(-self.n // self.batch_size)
+        super().__init__(n, batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed)
 
     def order(self) -> np.ndarray:
         """One epoch's order of all positions (draws from ``generator``)."""
@@ -113,17 +164,3 @@ class BlockBatchSampler(Sampler[np.ndarray]):
             perm = torch.randperm(rows.size, generator=self.generator).numpy()
             pieces.append(rows[perm])
         return np.concatenate(pieces)
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        order = self.order()
-        stop = len(self) * self.batch_size
-        for start in range(0, min(stop, self.n), self.batch_size):
-            yield order[start : start + self.batch_size]
-
-    def state_dict(self) -> dict[str, Any]:
-        """State of the sampler's generator (for checkpoints)."""
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the generator state saved by :meth:`state_dict`."""
-        self.generator.set_state(state["generator"])

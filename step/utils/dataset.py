@@ -21,7 +21,7 @@ owns its own mode; views of views compose. :func:`index_loader` wraps a dataset 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import anndata as ad
@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from step._constants import ITEM_KEYS, MODES
-from step.utils.block_sampler import BlockBatchSampler
+from step.utils.block_sampler import BlockBatchSampler, IndexBatchSampler
 from step.utils.validation import (
     check_adata,
     check_batch_size,
@@ -639,65 +639,6 @@ class StDataset(BaseDataset):
         super().__init__(
             adata, layer=layer, batch_key=batch_key, class_key=class_key, spatial_key=spatial_key, mode=mode
         )
-
-
-class IndexBatchSampler(Sampler[np.ndarray]):
-    """Yields batches of positions (int64 arrays), reshuffled every epoch.
-
-    Parameters
-    ----------
-    n
-        Number of items.
-    batch_size
-        Items per batch.
-    shuffle
-        Draw a new random permutation each epoch; otherwise go in order.
-    drop_last
-        Drop the final batch when it is smaller than ``batch_size``.
-    seed
-        Seed of the sampler's own :class:`torch.Generator`. ``None`` seeds it from
-        torch's global generator, so :func:`torch.manual_seed` makes it reproducible.
-    """
-
-    def __init__(
-        self,
-        n: int,
-        batch_size: int,
-        *,
-        shuffle: bool = True,
-        drop_last: bool = False,
-        seed: int | None = None,
-    ) -> None:
-        self.n = int(n)
-        self.batch_size = check_batch_size(batch_size)
-        self.shuffle = bool(shuffle)
-        self.drop_last = bool(drop_last)
-        self.generator = torch.Generator()
-        if seed is None:
-            seed = int(torch.empty((), dtype=torch.int64).random_().item())
-        self.generator.manual_seed(int(seed))
-
-    def __len__(self) -> int:
-        if self.drop_last:
-            return self.n // self.batch_size
-        return -(-self.n // self.batch_size)
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        if self.shuffle:
-            order = torch.randperm(self.n, generator=self.generator).numpy()
-        else:
-            order = np.arange(self.n, dtype=np.int64)
-        stop = len(self) * self.batch_size
-        for start in range(0, min(stop, self.n), self.batch_size):
-            yield order[start : start + self.batch_size]
-
-    def state_dict(self) -> dict[str, Any]:
-        """State of the sampler's generator (for checkpoints)."""
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the generator state saved by :meth:`state_dict`."""
-        self.generator.set_state(state["generator"])
 
 
 def _identity(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
