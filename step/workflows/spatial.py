@@ -298,14 +298,14 @@ class stModel(Workflow):  # noqa: N801 - the name users know from STEP
             scales them with the data so that training takes about
             ``STAGE1_STEPS`` = 1,500 optimizer steps (two-stage) or
             ``END_TO_END_STEPS`` = 200 (end-to-end), within 10-300 epochs
-            (:func:`default_epochs`): a section of a few hundred spots gets about 80
+            (``default_epochs``): a section of a few hundred spots gets about 80
             stage-1 epochs, 100,000 spots get 10. With 100 epochs of 128 spots, sections of
             a few hundred spots had only ~500 steps and their domains were poor.
         graph_epochs
             Stage-2 epochs (two-stage only); ``None``: about ``GRAPH_STEPS`` = 20 steps
             (one per batch of ``graph_batch_size`` sections), 2-20 epochs.
         batch_size
-            Spots per stage-1 mini-batch; ``None``: :func:`default_batch_size` (32 for a
+            Spots per stage-1 mini-batch; ``None``: ``default_batch_size`` (32 for a
             few hundred spots, up to 128 from about 2,000 training spots).
         graph_batch_size
             Sections per step of the graph loops.
@@ -575,7 +575,7 @@ class stModel(Workflow):  # noqa: N801 - the name users know from STEP
             Clustering seed (default: the model's seed).
         refine
             Smooth the labels over the model's spatial graph: one majority-vote pass
-            (:func:`~step.workflows._cluster.spatial_majority_vote`) gives a spot the
+            (``spatial_majority_vote``) gives a spot the
             label carried by more than half of its spatial neighbours, which fixes
             isolated mislabels inside a domain and keeps borders and thin layers. Off
             by default: on the smoothed embeddings of ``benchmarks/spatial_quality.py``
