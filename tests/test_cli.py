@@ -146,19 +146,9 @@ def test_demo_in_a_subprocess(tmp_path: Path, pbmc_counts: ad.AnnData) -> None:
 def test_interrupt_saves_a_checkpoint_and_exits_130(small_h5ad, tmp_path: Path) -> None:
     path, _ = small_h5ad
     out = tmp_path / "out"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "step.cli", "fit", str(path), "--out", str(out), "--epochs",
-         "100000", "--batch-size", "16", "--quiet"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
     checkpoint = out / "run" / "checkpoints" / "checkpoint.pt"
-    deadline = time.monotonic() + 240
-    while not checkpoint.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.5)
-    assert checkpoint.exists(), "no periodic checkpoint appeared"
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    err = _interrupt_when_checkpointed(["fit", str(path), "--out", str(out), "--epochs",
+                                        "100000", "--batch-size", "16", "--quiet"], checkpoint)
     assert not (out / "result.h5ad").exists()
     state = torch.load(checkpoint, weights_only=True)
     done = int(state["counters"]["loop_epoch"])
