@@ -118,6 +118,16 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=_seed, default=0,
                        help="random seed in [0, 2**32) (default: %(default)s)")
     group.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: %(default)s)")
+    group.add_argument("--steps-per-epoch", type=_positive_int, metavar="N",
+                       help="end each epoch after N mini-batches, so that validation, "
+                            "checkpoints and --resume happen every N steps (for large data; "
+                            "default: one full pass)")
+    group.add_argument("--block-size", type=_positive_int, metavar="ROWS",
+                       help="shuffle contiguous blocks of ROWS rows instead of single rows, so "
+                            "that batches read from disk touch few ranges (default: rows)")
+    group.add_argument("--buffer-blocks", type=_positive_int, default=16, metavar="N",
+                       help="blocks whose rows are shuffled together with --block-size "
+                            "(default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,6 +223,10 @@ def _check_spatial_options(args: argparse.Namespace) -> None:
     if args.refine_epochs:
         msg = "--refine-epochs is for single-cell data; it does not apply with --spatial"
         raise UsageError(msg)
+    for flag in ("steps_per_epoch", "block_size"):
+        if getattr(args, flag) is not None:
+            msg = f"--{flag.replace('_', '-')} is for single-cell data; it does not apply with --spatial"
+            raise UsageError(msg)
 
 
 def _check_device(device: str) -> None:
@@ -459,7 +473,8 @@ def _fit(args: argparse.Namespace) -> int:
         _finish(model, adata, out, use_rep="X_smoothed", color=color, spatial=spatial,
                 seed=args.seed)
         return 0
-    _train(model.run, checkpoints, **train)
+    _train(model.run, checkpoints, steps_per_epoch=args.steps_per_epoch,
+           block_size=args.block_size, buffer_blocks=args.buffer_blocks, **train)
     if args.refine_epochs > 0:
         _train(model.refine, checkpoints, epochs=args.refine_epochs, verbose=not args.quiet,
                resumable=False)

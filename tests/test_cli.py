@@ -214,3 +214,49 @@ def test_resuming_a_finished_fit_changes_nothing(small_h5ad, small_arch, tmp_pat
     pd.testing.assert_frame_equal(after.drop(columns="seconds"),
                                   history.drop(columns="seconds"))
     np.testing.assert_array_equal(ad.read_h5ad(out / "result.h5ad").obsm["X_rep"], before)
+
+
+class _InterruptAtStep:
+    """Raises KeyboardInterrupt (as Ctrl-C would) after optimizer step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, step: int) -> None:
+        if step == self.step:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.usefixtures("small_arch")
+def test_steps_per_epoch_run_interrupted_mid_epoch_resumes_to_the_same_result(
+        small_h5ad, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from step.workflows import scModel
+
+    path, _ = small_h5ad
+
+    def argv(out: Path) -> list[str]:
+        return ["fit", str(path), "--out", str(out), "--epochs", "6", "--batch-size", "16",
+                "--steps-per-epoch", "3", "--block-size", "8", "--seed", "3", "--quiet"]
+
+    assert cli.main(argv(tmp_path / "ref")) == 0
+    reference = pd.read_csv(tmp_path / "ref" / "run" / "history.csv")
+    # 192 training cells are 12 batches of 16; each epoch stops after 3 of them
+    assert reference["epoch"].tolist() == list(range(6))
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        original = scModel.run
+        patch.setattr(scModel, "run", lambda self, **kw: original(
+            self, callbacks=[_InterruptAtStep(11)], **kw))  # step 2 of epoch 4
+        assert cli.main(argv(out)) == 130
+    checkpoint = out / "run" / "checkpoints" / "checkpoint.pt"
+    counters = torch.load(checkpoint, weights_only=True)["counters"]
+    assert counters["epoch"] == 3 and counters["global_step"] == 9
+    assert "after 3 completed epochs" in capsys.readouterr().err
+
+    assert cli.main([*argv(out), "--resume", str(checkpoint)]) == 0
+    resumed = pd.read_csv(out / "run" / "history.csv")
+    pd.testing.assert_frame_equal(resumed.drop(columns="seconds"),
+                                  reference.drop(columns="seconds"))
+    np.testing.assert_array_equal(ad.read_h5ad(out / "result.h5ad").obsm["X_rep"],
+                                  ad.read_h5ad(tmp_path / "ref" / "result.h5ad").obsm["X_rep"])

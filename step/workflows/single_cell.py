@@ -114,6 +114,9 @@ class scModel(Workflow):  # noqa: N801 - the name users know from STEP
         checkpoint_dir: str | os.PathLike | None = None,
         resume: str | os.PathLike | None = None,
         verbose: bool = True,
+        steps_per_epoch: int | None = None,
+        block_size: int | None = None,
+        buffer_blocks: int = 16,
         **trainer_kw: Any,
     ) -> pd.DataFrame:
         """Train on the counts (stage 1) and write the embedding.
@@ -147,6 +150,17 @@ class scModel(Workflow):  # noqa: N801 - the name users know from STEP
             A checkpoint to continue from (written by a run with the same settings).
         verbose
             Live progress display and stop messages.
+        steps_per_epoch
+            End each epoch after this many mini-batches (each epoch draws a new shuffled
+            order), so that validation, early stopping, checkpoints and resume happen every
+            ``steps_per_epoch`` steps on data too large for full passes; ``None`` for one
+            full pass per epoch.
+        block_size, buffer_blocks
+            Block shuffling of the training batches
+            (:class:`~step.utils.block_sampler.BlockBatchSampler`): contiguous blocks of
+            ``block_size`` rows in random order, rows shuffled within ``buffer_blocks``
+            blocks, so that a batch from disk reads a few contiguous ranges. ``None``
+            shuffles single rows.
         **trainer_kw
             Other :class:`~step.functionality.comps.trainer.Trainer` arguments
             (``early_stopping``, ``stop_rule``, ``kl_warmup_epochs``, ``grad_clip``,
@@ -161,17 +175,21 @@ class scModel(Workflow):  # noqa: N801 - the name users know from STEP
         epochs = _check_positive_int("epochs", epochs)
         lr = _check_rate("lr", lr)
         _check_key_added(key_added)
+        for name, value in (("steps_per_epoch", steps_per_epoch), ("block_size", block_size)):
+            if value is not None:
+                _check_positive_int(name, value)
+        _check_positive_int("buffer_blocks", buffer_blocks)
         if resume is not None:
             self.check_resume(resume)
         trainer = self._make_trainer(checkpoint_dir=checkpoint_dir, probe=probe,
                                      verbose=verbose, trainer_kw=trainer_kw)
         self.dataset.set_mode(MODES.BATCH)
         loaders = make_loaders(self.dataset, batch_size, split_rate, obs_key=self._split_key(),
-                               seed=self.seed)
+                               seed=self.seed, block_size=block_size, buffer_blocks=buffer_blocks)
         trainer.init_optimizer(lr=lr, stage=1)
         if resume is not None:
             trainer.load_checkpoint(resume)
-        trainer.train_batch(epochs, loaders)
+        trainer.train_batch(epochs, loaders, steps_per_epoch=steps_per_epoch)
         self._final_checkpoint()
         self._write_obsm({key_added: self._infer(self.dataset)})
         return self.history
