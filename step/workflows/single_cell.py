@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import anndata as ad
@@ -30,11 +30,14 @@ class scModel(Workflow):  # noqa: N801 - the name users know from STEP
     Parameters
     ----------
     adata
-        Cells x genes AnnData with raw integer counts in ``X`` or ``layers[layer]``.
-        An AnnData opened with ``anndata.read_h5ad(path, backed="r")`` (CSR counts) is
-        trained on from the file, reading mini-batches from disk
-        (:class:`~step.utils.ondisk.OnDiskDataset`); ``n_top_genes`` then needs the
-        counts in memory and is refused.
+        Cells x genes AnnData with raw integer counts in ``X`` or ``layers[layer]``, or
+        data left on disk and read in mini-batches
+        (:class:`~step.utils.ondisk.OnDiskDataset`; CSR counts): an AnnData opened with
+        ``anndata.read_h5ad(path, backed="r")``, the path of an ``.h5ad`` file or a
+        ``.zarr`` store, or a list of these read as one collection (rows concatenated in
+        order, genes matched by name; cell names must be unique across the files). For
+        paths, ``model.adata`` is an AnnData without counts holding the files' obs and the
+        genes, and receives the results.
     layer
         Layer with the counts; ``None`` reads ``X``.
     batch_key
@@ -44,7 +47,12 @@ class scModel(Workflow):  # noqa: N801 - the name users know from STEP
         validation split.
     n_top_genes
         Keep this many highly variable genes (batch-aware with ``batch_key``); ``None``
-        keeps all genes.
+        keeps all genes. For on-disk data they are selected in one pass over blocks of
+        rows, with the same result as in memory
+        (:func:`~step.utils.streaming_hvg.highly_variable_from_blocks`).
+    genes
+        Train on these genes only, in this order (every one must be in the data);
+        ``n_top_genes`` then selects among them. ``None`` uses every gene.
     hidden_dim, n_modules, module_dim, n_layers, likelihood
         Architecture of :class:`~step.models.TranscriptFormer` (width, gene-module tokens,
         token size, transformer layers, ``"zinb"``/``"nb"``/``"poisson"``).
@@ -84,6 +92,7 @@ class scModel(Workflow):  # noqa: N801 - the name users know from STEP
         batch_key: str | None = None,
         class_key: str | None = None,
         n_top_genes: int | None = None,
+        genes: Sequence[str] | None = None,
         hidden_dim: int = 64,
         n_modules: int = 32,
         module_dim: int = 30,
@@ -96,7 +105,7 @@ class scModel(Workflow):  # noqa: N801 - the name users know from STEP
     ) -> None:
         super().__init__(
             adata, layer=layer, batch_key=batch_key, class_key=class_key,
-            n_top_genes=n_top_genes, hidden_dim=hidden_dim, n_modules=n_modules,
+            n_top_genes=n_top_genes, genes=genes, hidden_dim=hidden_dim, n_modules=n_modules,
             module_dim=module_dim, n_layers=n_layers, likelihood=likelihood, seed=seed,
             device=device, model_kw={"kl_weight": kl_weight, **model_kw},
         )
