@@ -1,7 +1,9 @@
-"""The ``step`` command line: fit on an .h5ad file, the demo, help and interruption."""
+"""The ``step`` command line: fit on .h5ad files and .zarr stores, the demo, help and
+interruption."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -104,8 +106,50 @@ def test_fit_backed_reads_counts_from_disk(small_h5ad, tmp_path: Path) -> None:
     assert code == 0
     result = _check_outputs(out, adata, obsm={"X_rep", "X_anchord"})
     assert result.X is None and list(result.var_names) == list(adata.var_names)
-    assert cli.main(["fit", str(path), "--out", str(tmp_path / "o2"), "--backed",
-                     "--n-top-genes", "50"]) == 2
+
+
+@pytest.mark.usefixtures("small_arch")
+def test_fit_backed_selects_genes_and_reads_a_gene_list(small_h5ad, tmp_path: Path) -> None:
+    from step.utils.preprocess import prepare_counts
+
+    path, adata = small_h5ad
+    out = tmp_path / "top"
+    assert cli.main(["fit", str(path), "--out", str(out), "--backed", "--n-top-genes", "50",
+                     "--epochs", "1", "--quiet"]) == 0
+    config = (out / "run" / "config.json").read_text()
+    expected = list(prepare_counts(adata, n_top_genes=50).var_names)
+    assert json.loads(config)["genes"] == expected
+    listed = tmp_path / "genes.txt"
+    listed.write_text("\n".join(adata.var_names[[5, 1, 9]]) + "\n\n")
+    out = tmp_path / "listed"
+    assert cli.main(["fit", str(path), "--out", str(out), "--genes", str(listed),
+                     "--epochs", "1", "--quiet"]) == 0
+    assert json.loads((out / "run" / "config.json").read_text())["genes"] == list(
+        adata.var_names[[5, 1, 9]])
+
+
+@pytest.mark.usefixtures("small_arch")
+def test_fit_an_h5ad_and_a_zarr_equals_fitting_their_concatenation(small_h5ad,
+                                                                  tmp_path: Path) -> None:
+    _, adata = small_h5ad
+    first, second = adata[:100].copy(), adata[100:].copy()
+    first.write_h5ad(tmp_path / "first.h5ad")
+    second[:, second.var_names[::-1]].copy().write_zarr(tmp_path / "second.zarr")
+    args = ["--batch-key", "batch", "--class-key", "bulk_labels", "--epochs", "2",
+            "--block-size", "8", "--quiet"]
+    out = tmp_path / "disk"
+    assert cli.main(["fit", str(tmp_path / "first.h5ad"), str(tmp_path / "second.zarr"),
+                     "--out", str(out), *args]) == 0
+    assert cli.main(["fit", str(tmp_path / "all.h5ad"), "--out", str(tmp_path / "memory"),
+                     *args]) == 2  # no such file yet
+    adata.write_h5ad(tmp_path / "all.h5ad")
+    assert cli.main(["fit", str(tmp_path / "all.h5ad"), "--out", str(tmp_path / "memory"),
+                     *args]) == 0
+    disk, memory = ad.read_h5ad(out / "result.h5ad"), ad.read_h5ad(tmp_path / "memory" /
+                                                                   "result.h5ad")
+    assert disk.X is None and list(disk.var_names) == list(adata.var_names)
+    pd.testing.assert_frame_equal(disk.obs, adata.obs)
+    np.testing.assert_allclose(disk.obsm["X_rep"], memory.obsm["X_rep"], atol=1e-5)
 
 
 @pytest.mark.usefixtures("small_arch")
