@@ -83,8 +83,8 @@ def annotations(sources: Sequence[Any], *, layer: str | None,
                             f"{' ...' if len(missing) > 10 else ''} (and has {len(extra)} "
                             "genes the others lack)")
     if problems:
-        msg = ("the files' genes cannot be matched by name:\n  " + "\n  ".join(problems)
-               + "\nwrite the files with the same genes, or pass genes= (a gene list every "
+        msg = ("the files' genes cannot be matched by name: " + "; ".join(problems)
+               + ". Write the files with the same genes, or pass genes= (a gene list every "
                "file holds)")
         raise ValueError(msg)
     obs = frames[0].copy() if len(frames) == 1 else pd.concat(frames, axis=0)
