@@ -304,3 +304,43 @@ def test_steps_per_epoch_run_interrupted_mid_epoch_resumes_to_the_same_result(
                                   reference.drop(columns="seconds"))
     np.testing.assert_array_equal(ad.read_h5ad(out / "result.h5ad").obsm["X_rep"],
                                   ad.read_h5ad(tmp_path / "ref" / "result.h5ad").obsm["X_rep"])
+
+
+class _TruncateAtStep:
+    """Truncates ``path`` after optimizer step ``step``, as a damaged disk might."""
+
+    def __init__(self, path: Path, step: int) -> None:
+        self.path, self.step = path, step
+
+    def on_train_batch_end(self, step: int) -> None:
+        if step == self.step:
+            os.truncate(self.path, 4096)
+
+
+@pytest.mark.usefixtures("small_arch")
+def test_fit_names_a_file_truncated_while_training_and_resumes_once_restored(
+        small_h5ad, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from step.workflows import scModel
+
+    path, _ = small_h5ad
+    copy = tmp_path / "copy.h5ad"
+    copy.write_bytes(path.read_bytes())
+    out = tmp_path / "out"
+    argv = ["fit", str(copy), "--out", str(out), "--backed", "--epochs", "3",
+            "--batch-size", "32", "--quiet"]
+    with monkeypatch.context() as patch:
+        original = scModel.run
+        patch.setattr(scModel, "run", lambda self, **kw: original(
+            self, callbacks=[_TruncateAtStep(copy, 8)], **kw))  # 6 steps per epoch
+        assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    checkpoint = out / "run" / "checkpoints" / "checkpoint.pt"
+    assert f"step: error: {str(copy)!r} was changed" in err
+    assert f"the training state after 1 completed epoch was saved to {checkpoint}" in err
+    line = next(x for x in err.splitlines() if x.startswith("once the file is restored"))
+    assert line.endswith(f"--resume {checkpoint}")
+    assert not (out / "result.h5ad").exists()
+
+    copy.write_bytes(path.read_bytes())
+    assert cli.main([*argv, "--resume", str(checkpoint)]) == 0
+    assert pd.read_csv(out / "run" / "history.csv")["epoch"].tolist() == [0, 1, 2]

@@ -332,7 +332,8 @@ class OnDiskDataset(BaseDataset):
 
     # ------------------------------------------------------------------ reading
     def iter_blocks(self, rows: int = _SCAN_ROWS) -> Iterator[tuple[int, sp.csr_matrix]]:
-        """Contiguous blocks of the dataset's rows, in order, in its gene order.
+        """Contiguous blocks of all rows of the files, in order, in the dataset's gene order
+        (for a view: of the dataset it was made from).
 
         Parameters
         ----------
