@@ -1,4 +1,5 @@
-"""Command line: ``step fit`` trains a workflow on an .h5ad file, ``step demo`` on PBMCs.
+"""Command line: ``step fit`` trains a workflow on .h5ad files or .zarr stores, ``step demo``
+on PBMCs.
 
 Every command writes into one output folder::
 
@@ -9,7 +10,8 @@ Every command writes into one output folder::
 All arguments, the input file, the checkpoint to resume and the output folder are
 checked before training; a problem ends the command with one line ``step: error: ...``
 and exit status 2 (``--debug`` shows the traceback instead). Training that diverges
-ends with status 1 and writes no results. Ctrl-C or SIGTERM during training saves a
+ends with status 1 and writes no results; so does an input file that cannot be read any
+more during training, after saving the state of the last completed epoch. Ctrl-C or SIGTERM during training saves a
 checkpoint and exits with status 130, printing the command that resumes the run.
 """
 
@@ -118,6 +120,16 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=_seed, default=0,
                        help="random seed in [0, 2**32) (default: %(default)s)")
     group.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: %(default)s)")
+    group.add_argument("--steps-per-epoch", type=_positive_int, metavar="N",
+                       help="end each epoch after N mini-batches, so that validation, "
+                            "checkpoints and --resume happen every N steps (for large data; "
+                            "default: one full pass)")
+    group.add_argument("--block-size", type=_positive_int, metavar="ROWS",
+                       help="shuffle contiguous blocks of ROWS rows instead of single rows, so "
+                            "that batches read from disk touch few ranges (default: rows)")
+    group.add_argument("--buffer-blocks", type=_positive_int, default=16, metavar="N",
+                       help="blocks whose rows are shuffled together with --block-size "
+                            "(default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,15 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     fit = sub.add_parser(
-        "fit", help="train on an .h5ad file and write results, model and figures",
+        "fit", help="train on .h5ad files or .zarr stores and write results, model and figures",
         allow_abbrev=False,
         description=(
             "Train a workflow on INPUT (raw integer counts in X or in --layer) and write "
             "OUT/result.h5ad (obsm X_rep; with --class-key and --refine-epochs also "
             "X_anchord; with --spatial also X_smoothed and obs domain), the model in "
-            "OUT/run and figures in OUT/figures."),
+            "OUT/run and figures in OUT/figures. Several inputs, or .zarr stores, are one "
+            "collection read from disk (rows concatenated in order, genes matched by "
+            "name, cell names unique across the files)."),
     )
-    fit.add_argument("input", metavar="INPUT.h5ad", help="AnnData file with raw counts")
+    fit.add_argument("input", nargs="+", metavar="INPUT",
+                     help="AnnData .h5ad file or .zarr store with raw counts; several are "
+                          "read from disk as one collection")
     fit.add_argument("--out", required=True, metavar="DIR", help="output folder")
     data = fit.add_argument_group("data")
     data.add_argument("--layer", help="layer with the counts (default: X)")
@@ -146,10 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--class-key", help="obs column with cell labels (stratifies the "
                       "validation split; needed by --refine-epochs)")
     data.add_argument("--n-top-genes", type=_positive_int,
-                      help="keep this many highly variable genes (default: all)")
+                      help="keep this many highly variable genes (default: all; from disk "
+                      "they are selected in one pass over the counts)")
+    data.add_argument("--genes", metavar="FILE",
+                      help="train on the genes listed in FILE, one name per line, in that "
+                      "order (with --n-top-genes: select among them)")
     data.add_argument("--backed", action="store_true",
-                      help="leave the counts on disk and read them in mini-batches (for data "
-                      "larger than memory; CSR counts, not with --spatial or --n-top-genes); "
+                      help="leave the counts of an .h5ad file on disk and read them in "
+                      "mini-batches (for data larger than memory; CSR counts, not with "
+                      "--spatial; always so for several inputs and .zarr stores); "
                       "result.h5ad then holds obs, var and obsm without the counts")
     spatial = fit.add_argument_group("spatial (only with --spatial)")
     spatial.add_argument("--spatial", action="store_true",
@@ -213,6 +234,10 @@ def _check_spatial_options(args: argparse.Namespace) -> None:
     if args.refine_epochs:
         msg = "--refine-epochs is for single-cell data; it does not apply with --spatial"
         raise UsageError(msg)
+    for flag in ("steps_per_epoch", "block_size", "genes"):
+        if getattr(args, flag) is not None:
+            msg = f"--{flag.replace('_', '-')} is for single-cell data; it does not apply with --spatial"
+            raise UsageError(msg)
 
 
 def _check_device(device: str) -> None:
@@ -240,14 +265,36 @@ def _check_input(path: str) -> Path:
     if not file.exists():
         msg = f"input file {path!r} does not exist"
         raise UsageError(msg)
-    if not file.is_file():
-        msg = f"input {path!r} is a folder, not an .h5ad file"
-        raise UsageError(msg)
+    if file.suffix == ".zarr" or file.is_dir():
+        if not (file.is_dir() and any((file / m).is_file() for m in (".zgroup", "zarr.json"))):
+            msg = f"input {path!r} is a folder, not an .h5ad file or a .zarr store"
+            raise UsageError(msg)
+        return file
     if not h5py.is_hdf5(file):
         msg = (f"input {path!r} is not an .h5ad file (not HDF5; a CSV or .loom file renamed "
                ".h5ad?); convert it with anndata first")
         raise UsageError(msg)
     return file
+
+
+def _read_gene_list(path: str | None) -> list[str] | None:
+    """The names in a text file, one per line (blank lines skipped)."""
+    if path is None:
+        return None
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        msg = f"--genes: cannot read {path!r}: {err}"
+        raise UsageError(msg) from err
+    genes = [line.strip() for line in text.splitlines() if line.strip()]
+    if not genes:
+        msg = f"--genes: {path!r} lists no gene names (expected one name per line)"
+        raise UsageError(msg)
+    repeated = sorted({g for g in genes if genes.count(g) > 1})
+    if repeated:
+        msg = f"--genes: {path!r} lists genes more than once: {', '.join(repeated[:10])}"
+        raise UsageError(msg)
+    return genes
 
 
 def _check_resume_file(path: str | None) -> Path | None:
@@ -395,10 +442,10 @@ def _finish(model: Any, adata: Any, out: Path, *, use_rep: str, color: list[str]
 
 # ------------------------------------------------------------------------ commands
 def _build(factory: Any, adata: Any, **kwargs: Any) -> Any:
-    """Create a workflow; its input errors become usage errors."""
+    """Create a workflow; its input errors (and unreadable files) become usage errors."""
     try:
         return factory(adata, **kwargs)
-    except (KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError, OSError) as err:
         raise UsageError(_message(err)) from err
 
 
@@ -417,19 +464,27 @@ def _fit(args: argparse.Namespace) -> int:
     if args.refine_epochs and not args.class_key:
         msg = "--refine-epochs needs --class-key (the obs column with cell labels)"
         raise UsageError(msg)
-    if args.backed and (args.spatial or args.n_top_genes):
-        msg = "--backed applies to single-cell data with all genes (not --spatial or --n-top-genes)"
+    paths = [_check_input(p) for p in args.input]
+    # several inputs and zarr stores are always read from disk
+    args.backed = args.backed or len(paths) > 1 or any(p.is_dir() for p in paths)
+    if args.backed and args.spatial:
+        msg = "reading from disk (--backed, several inputs, .zarr) is for single-cell data, not --spatial"
         raise UsageError(msg)
     _check_device(args.device)
-    path = _check_input(args.input)
+    genes = _read_gene_list(args.genes)
     resume = _check_resume_file(args.resume)
     stale = _check_out(out, overwrite=args.overwrite, resume=resume)
-    adata = _read_input(path, backed=args.backed)
+    if len(paths) > 1 or paths[0].is_dir():
+        adata = [str(p) for p in paths]
+    else:
+        adata = _read_input(paths[0], backed=args.backed)
     if args.spatial and args.n_clusters > adata.n_obs:
-        msg = f"--n-clusters {args.n_clusters} exceeds the {adata.n_obs} spots of {args.input!r}"
+        msg = f"--n-clusters {args.n_clusters} exceeds the {adata.n_obs} spots of {args.input[0]!r}"
         raise UsageError(msg)
     common = dict(layer=args.layer, batch_key=args.batch_key, n_top_genes=args.n_top_genes,
                   seed=args.seed, device=args.device)
+    if genes is not None:
+        common["genes"] = genes
     color = [k for k in (args.class_key, args.batch_key) if k]
     if args.spatial:
         from step.workflows import stModel
@@ -438,12 +493,13 @@ def _fit(args: argparse.Namespace) -> int:
                        spatial_key=args.spatial_key, k=args.k, **common)
         _check_resume_fits(model, resume, mode=args.mode)
         if args.class_key and args.class_key not in adata.obs.columns:
-            msg = f"--class-key {args.class_key!r} is not an obs column of {args.input!r}"
+            msg = f"--class-key {args.class_key!r} is not an obs column of {args.input[0]!r}"
             raise UsageError(msg)
     else:
         from step.workflows import scModel
 
         model = _build(scModel, adata, class_key=args.class_key, **common)
+        adata = model.adata  # for paths: the files' obs and genes, without counts
         _check_resume_fits(model, resume)
     checkpoints = _prepare_out(out, stale)
     train = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -459,7 +515,8 @@ def _fit(args: argparse.Namespace) -> int:
         _finish(model, adata, out, use_rep="X_smoothed", color=color, spatial=spatial,
                 seed=args.seed)
         return 0
-    _train(model.run, checkpoints, **train)
+    _train(model.run, checkpoints, steps_per_epoch=args.steps_per_epoch,
+           block_size=args.block_size, buffer_blocks=args.buffer_blocks, **train)
     if args.refine_epochs > 0:
         _train(model.refine, checkpoints, epochs=args.refine_epochs, verbose=not args.quiet,
                resumable=False)
@@ -470,6 +527,14 @@ def _fit(args: argparse.Namespace) -> int:
                            uns=dict(adata.uns))
     _finish(model, adata, out, use_rep="X_rep", color=color, spatial=None, seed=args.seed)
     return 0
+
+
+class _ReadFailedError(Exception):
+    """Reading an input file failed during training; the last epoch's state was saved."""
+
+    def __init__(self, checkpoint: Path, error: OSError) -> None:
+        super().__init__(str(error))
+        self.checkpoint = checkpoint
 
 
 class _InterruptedError(Exception):
@@ -493,6 +558,10 @@ def _train(step_fn: Any, checkpoints: Path, *, threads: int | None = None,
         raise _InterruptedError(checkpoints / "checkpoint.pt", resumable=resumable) from None
     except (KeyError, TypeError, ValueError) as err:
         raise UsageError(_message(err)) from err
+    except OSError as err:  # an input file damaged while training
+        if not resumable:
+            raise
+        raise _ReadFailedError(checkpoints / "checkpoint.pt", err) from err
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -583,6 +652,17 @@ def _report_interrupt(stop: _InterruptedError, argv: Sequence[str]) -> None:
     _say(f"continue with: {resume_command(argv, stop.checkpoint)}")
 
 
+def _report_read_failure(failure: _ReadFailedError, argv: Sequence[str]) -> None:
+    _say(f"step: error: {failure}")
+    done = _completed_epochs(failure.checkpoint) if failure.checkpoint.is_file() else None
+    if done is None:
+        _say("no training state was saved; run the command again once the file is restored")
+        return
+    _say(f"the training state after {done} completed epoch{'s' * (done != 1)} was saved to "
+         f"{failure.checkpoint}")
+    _say(f"once the file is restored, continue with: {resume_command(argv, failure.checkpoint)}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``step`` command line; returns the exit status.
 
@@ -593,7 +673,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns
     -------
-    0 on success, 1 when training diverged (no results are written), 2 for a bad
+    0 on success, 1 when training diverged (no results are written) or an input file
+    could not be read during training (the last epoch's state is kept), 2 for a bad
     argument, input file, checkpoint or output folder, 130 when interrupted.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -616,6 +697,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _InterruptedError as stop:
         _report_interrupt(stop, argv)
         return EXIT_INTERRUPTED
+    except _ReadFailedError as failure:
+        if args.debug:
+            raise
+        _report_read_failure(failure, argv)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

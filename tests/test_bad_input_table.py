@@ -99,6 +99,12 @@ def _dup_genes(adata: ad.AnnData) -> ad.AnnData:
     return adata
 
 
+def _no_x(adata: ad.AnnData) -> ad.AnnData:
+    adata.layers["counts"] = adata.X
+    adata.X = None
+    return adata
+
+
 def _coords(fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[ad.AnnData], ad.AnnData]:
     def make(adata: ad.AnnData) -> ad.AnnData:
         adata.obsm["spatial"] = fn(np.asarray(adata.obsm["spatial"], dtype=np.float64).copy())
@@ -161,8 +167,11 @@ def _no_cuda(fn: Callable[..., Any]) -> Callable[..., Any]:
 # ------------------------------------------------------------------------ the rows
 ROWS: list[Row] = [
     # ---- scModel: the data
-    Row("api-not-anndata", "scModel gets a path instead of an AnnData",
-        lambda e, a, t: _sc("data.h5ad"), TypeError, "expected an AnnData object"),
+    Row("api-not-anndata", "scModel gets a dict instead of an AnnData or paths",
+        lambda e, a, t: _sc({"X": a.X}), TypeError, "expected an AnnData object"),
+    Row("api-path-missing", "scModel gets the path of a file that does not exist",
+        lambda e, a, t: _sc(str(t / "data.h5ad")), FileNotFoundError,
+        "data.h5ad': no such file or directory"),
     Row("api-no-cells", "no cells", lambda e, a, t: _sc(a[:0].copy()), ValueError,
         "0 cell(s)"),
     Row("api-one-cell", "a single cell", lambda e, a, t: _sc(a[:1].copy()), ValueError,
@@ -181,9 +190,29 @@ ROWS: list[Row] = [
         make=_with_x(lambda x: np.where(x > 2, np.nan, x))),
     Row("api-duplicate-genes", "duplicated gene names", lambda e, a, t: _sc(a), ValueError,
         "var_names_make_unique", make=_dup_genes),
-    Row("api-backed-top-genes", "n_top_genes with a backed AnnData (read_h5ad(backed='r'))",
-        lambda e, a, t: _sc(ad.read_h5ad(e.paths["small"], backed="r"), n_top_genes=50),
-        ValueError, "n_top_genes needs the counts in memory"),
+    Row("api-backed-top-genes", "n_top_genes=0 with a backed AnnData (read_h5ad(backed='r'))",
+        lambda e, a, t: _sc(ad.read_h5ad(e.paths["small"], backed="r"), n_top_genes=0),
+        ValueError, "n_top_genes must be a positive integer"),
+    Row("api-genes-missing", "genes= names a gene the data lack",
+        lambda e, a, t: _sc(a, genes=["NOT_A_GENE", a.var_names[0]]), ValueError,
+        "the data lack 1 of the 2 genes"),
+    # ---- scModel: data on disk
+    Row("disk-genes-unmatched", "files whose genes cannot be matched by name",
+        lambda e, a, t: _sc([e.paths["small"], e.paths["fewer_genes"]]), ValueError,
+        "fewer_genes.h5ad' lacks 50 genes"),
+    Row("disk-cells-repeat", "files with the same cell names",
+        lambda e, a, t: _sc([e.paths["small"], e.paths["small_zarr"]]), ValueError,
+        "cell names (obs_names) repeat within or across the files"),
+    Row("disk-dense", "a file whose counts are a dense matrix",
+        lambda e, a, t: _sc(e.paths["dense"]), ValueError,
+        "reading from disk needs a CSR sparse matrix"),
+    Row("disk-no-x", "a store without X (counts in a layer not named)",
+        lambda e, a, t: _sc(e.paths["no_x"]), ValueError, "has no counts in X; pass layer="),
+    Row("disk-not-counts", "a file holding log-normalised values",
+        lambda e, a, t: _sc(e.paths["lognorm"]), ValueError, "non-integer"),
+    Row("disk-changed-while-training", "a file truncated while training reads it",
+        lambda e, a, t: _truncated_while_training(e), OSError,
+        "was changed (truncated, replaced or rewritten) while in use"),
     Row("api-batch-key", "batch_key names no obs column",
         lambda e, a, t: _sc(a, batch_key="sample"), KeyError, "batch_key 'sample' not found"),
     Row("api-class-key", "class_key names no obs column",
@@ -396,6 +425,16 @@ ROWS: list[Row] = [
         2, "is a folder, not an .h5ad file"),
     Row("cli-input-csv", "a CSV file renamed .h5ad",
         _cli("fit", "{csv}", "--out", "{tmp}/out"), 2, "is not an .h5ad file"),
+    Row("cli-inputs-genes-unmatched", "several inputs whose genes cannot be matched",
+        _cli("fit", "{small}", "{fewer_genes}", "--out", "{tmp}/out"), 2, "lacks 50 genes"),
+    Row("cli-zarr-spatial", "a .zarr store with --spatial",
+        _cli("fit", "{small_zarr}", "--out", "{tmp}/out", "--spatial", "--n-clusters", "3"),
+        2, "is for single-cell data, not --spatial"),
+    Row("cli-genes-empty", "--genes names an empty file", _fit("--genes", "{tmp}/genes.txt"),
+        2, "lists no gene names", setup=_write("genes.txt", b"\n")),
+    Row("cli-genes-unknown", "--genes lists a gene the input lacks",
+        _fit("--genes", "{tmp}/genes.txt"), 2, "the data lack 1 of the 1 genes",
+        setup=_write("genes.txt", b"NOT_A_GENE\n")),
     Row("cli-input-truncated", "a truncated .h5ad file",
         _cli("fit", "{truncated_h5ad}", "--out", "{tmp}/out"), 2, "cannot read"),
     Row("cli-missing-layer", "--layer names no layer", _fit("--layer", "counts"), 2,
@@ -442,6 +481,30 @@ ROWS: list[Row] = [
 ]
 
 
+class _TruncateAt:
+    """Truncates ``path`` after optimizer step ``step``."""
+
+    def __init__(self, path: Path, step: int) -> None:
+        self.path, self.step = path, step
+
+    def on_train_batch_end(self, step: int) -> None:
+        if step == self.step:
+            self.path.write_bytes(self.path.read_bytes()[:4096])
+
+
+def _truncated_while_training(env: Any) -> Any:
+    """Train on a copy of the small file (in a folder of its own) that is cut mid-epoch."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        copy = Path(folder) / "cells.h5ad"
+        copy.write_bytes(Path(env.paths["small"]).read_bytes())
+        model = _sc(str(copy))
+        # 160 training cells: 5 steps of 32 per epoch; cut in the second epoch
+        return model.run(epochs=2, batch_size=32, verbose=False, checkpoint_dir=folder,
+                         callbacks=[_TruncateAt(copy, 7)])
+
+
 def _load(folder: Path, adata: ad.AnnData) -> Any:
     from step.workflows import scModel
 
@@ -474,6 +537,8 @@ class Env:
         self._sc = pbmc[:N_CELLS, :N_GENES].copy()
         self._sc.X = sp.csr_matrix(self._sc.X)
         self._other = pbmc[:N_CELLS, N_GENES:2 * N_GENES].copy()
+        self._fewer_genes = pbmc[N_CELLS:2 * N_CELLS, 50:N_GENES].copy()
+        self._fewer_genes.X = sp.csr_matrix(self._fewer_genes.X)
         section = spatial[spatial.obs["section"] == spatial.obs["section"].iloc[0]]
         self._st = section[:300, :200].copy()
         self.paths: dict[str, str] = {}
@@ -495,6 +560,13 @@ class Env:
         self._h5ad("other_genes", self.other_genes())
         self._h5ad("dup", _dup_genes(self.sc()))
         self._h5ad("one_cell", self.sc()[:1].copy())
+        self._h5ad("fewer_genes", self._fewer_genes)
+        self._h5ad("dense", _set("X", lambda a: a.X.toarray())(self.sc()))
+        self._h5ad("no_x", _no_x(self.sc()))
+        self._h5ad("lognorm", _with_x(np.log1p)(self.sc()))
+        path = self.root / "small.zarr"
+        self.sc().write_zarr(path)
+        self.paths["small_zarr"] = str(path)
         self._h5ad("spatial", self.st())
         self._file("csv", "data.h5ad", b"cell,CD3E\nAAAC,3\n")
         self._file("truncated_h5ad", "truncated.h5ad",

@@ -1,7 +1,9 @@
-"""The ``step`` command line: fit on an .h5ad file, the demo, help and interruption."""
+"""The ``step`` command line: fit on .h5ad files and .zarr stores, the demo, help and
+interruption."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -104,8 +106,50 @@ def test_fit_backed_reads_counts_from_disk(small_h5ad, tmp_path: Path) -> None:
     assert code == 0
     result = _check_outputs(out, adata, obsm={"X_rep", "X_anchord"})
     assert result.X is None and list(result.var_names) == list(adata.var_names)
-    assert cli.main(["fit", str(path), "--out", str(tmp_path / "o2"), "--backed",
-                     "--n-top-genes", "50"]) == 2
+
+
+@pytest.mark.usefixtures("small_arch")
+def test_fit_backed_selects_genes_and_reads_a_gene_list(small_h5ad, tmp_path: Path) -> None:
+    from step.utils.preprocess import prepare_counts
+
+    path, adata = small_h5ad
+    out = tmp_path / "top"
+    assert cli.main(["fit", str(path), "--out", str(out), "--backed", "--n-top-genes", "50",
+                     "--epochs", "1", "--quiet"]) == 0
+    config = (out / "run" / "config.json").read_text()
+    expected = list(prepare_counts(adata, n_top_genes=50).var_names)
+    assert json.loads(config)["genes"] == expected
+    listed = tmp_path / "genes.txt"
+    listed.write_text("\n".join(adata.var_names[[5, 1, 9]]) + "\n\n")
+    out = tmp_path / "listed"
+    assert cli.main(["fit", str(path), "--out", str(out), "--genes", str(listed),
+                     "--epochs", "1", "--quiet"]) == 0
+    assert json.loads((out / "run" / "config.json").read_text())["genes"] == list(
+        adata.var_names[[5, 1, 9]])
+
+
+@pytest.mark.usefixtures("small_arch")
+def test_fit_an_h5ad_and_a_zarr_equals_fitting_their_concatenation(small_h5ad,
+                                                                  tmp_path: Path) -> None:
+    _, adata = small_h5ad
+    first, second = adata[:100].copy(), adata[100:].copy()
+    first.write_h5ad(tmp_path / "first.h5ad")
+    second[:, second.var_names[::-1]].copy().write_zarr(tmp_path / "second.zarr")
+    args = ["--batch-key", "batch", "--class-key", "bulk_labels", "--epochs", "2",
+            "--block-size", "8", "--quiet"]
+    out = tmp_path / "disk"
+    assert cli.main(["fit", str(tmp_path / "first.h5ad"), str(tmp_path / "second.zarr"),
+                     "--out", str(out), *args]) == 0
+    assert cli.main(["fit", str(tmp_path / "all.h5ad"), "--out", str(tmp_path / "memory"),
+                     *args]) == 2  # no such file yet
+    adata.write_h5ad(tmp_path / "all.h5ad")
+    assert cli.main(["fit", str(tmp_path / "all.h5ad"), "--out", str(tmp_path / "memory"),
+                     *args]) == 0
+    disk, memory = ad.read_h5ad(out / "result.h5ad"), ad.read_h5ad(tmp_path / "memory" /
+                                                                   "result.h5ad")
+    assert disk.X is None and list(disk.var_names) == list(adata.var_names)
+    pd.testing.assert_frame_equal(disk.obs, adata.obs)
+    np.testing.assert_allclose(disk.obsm["X_rep"], memory.obsm["X_rep"], atol=1e-5)
 
 
 @pytest.mark.usefixtures("small_arch")
@@ -214,3 +258,89 @@ def test_resuming_a_finished_fit_changes_nothing(small_h5ad, small_arch, tmp_pat
     pd.testing.assert_frame_equal(after.drop(columns="seconds"),
                                   history.drop(columns="seconds"))
     np.testing.assert_array_equal(ad.read_h5ad(out / "result.h5ad").obsm["X_rep"], before)
+
+
+class _InterruptAtStep:
+    """Raises KeyboardInterrupt (as Ctrl-C would) after optimizer step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, step: int) -> None:
+        if step == self.step:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.usefixtures("small_arch")
+def test_steps_per_epoch_run_interrupted_mid_epoch_resumes_to_the_same_result(
+        small_h5ad, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from step.workflows import scModel
+
+    path, _ = small_h5ad
+
+    def argv(out: Path) -> list[str]:
+        return ["fit", str(path), "--out", str(out), "--epochs", "6", "--batch-size", "16",
+                "--steps-per-epoch", "3", "--block-size", "8", "--seed", "3", "--quiet"]
+
+    assert cli.main(argv(tmp_path / "ref")) == 0
+    reference = pd.read_csv(tmp_path / "ref" / "run" / "history.csv")
+    # 192 training cells are 12 batches of 16; each epoch stops after 3 of them
+    assert reference["epoch"].tolist() == list(range(6))
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        original = scModel.run
+        patch.setattr(scModel, "run", lambda self, **kw: original(
+            self, callbacks=[_InterruptAtStep(11)], **kw))  # step 2 of epoch 4
+        assert cli.main(argv(out)) == 130
+    checkpoint = out / "run" / "checkpoints" / "checkpoint.pt"
+    counters = torch.load(checkpoint, weights_only=True)["counters"]
+    assert counters["epoch"] == 3 and counters["global_step"] == 9
+    assert "after 3 completed epochs" in capsys.readouterr().err
+
+    assert cli.main([*argv(out), "--resume", str(checkpoint)]) == 0
+    resumed = pd.read_csv(out / "run" / "history.csv")
+    pd.testing.assert_frame_equal(resumed.drop(columns="seconds"),
+                                  reference.drop(columns="seconds"))
+    np.testing.assert_array_equal(ad.read_h5ad(out / "result.h5ad").obsm["X_rep"],
+                                  ad.read_h5ad(tmp_path / "ref" / "result.h5ad").obsm["X_rep"])
+
+
+class _TruncateAtStep:
+    """Truncates ``path`` after optimizer step ``step``, as a damaged disk might."""
+
+    def __init__(self, path: Path, step: int) -> None:
+        self.path, self.step = path, step
+
+    def on_train_batch_end(self, step: int) -> None:
+        if step == self.step:
+            os.truncate(self.path, 4096)
+
+
+@pytest.mark.usefixtures("small_arch")
+def test_fit_names_a_file_truncated_while_training_and_resumes_once_restored(
+        small_h5ad, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from step.workflows import scModel
+
+    path, _ = small_h5ad
+    copy = tmp_path / "copy.h5ad"
+    copy.write_bytes(path.read_bytes())
+    out = tmp_path / "out"
+    argv = ["fit", str(copy), "--out", str(out), "--backed", "--epochs", "3",
+            "--batch-size", "32", "--quiet"]
+    with monkeypatch.context() as patch:
+        original = scModel.run
+        patch.setattr(scModel, "run", lambda self, **kw: original(
+            self, callbacks=[_TruncateAtStep(copy, 8)], **kw))  # 6 steps per epoch
+        assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    checkpoint = out / "run" / "checkpoints" / "checkpoint.pt"
+    assert f"step: error: {str(copy)!r} was changed" in err
+    assert f"the training state after 1 completed epoch was saved to {checkpoint}" in err
+    line = next(x for x in err.splitlines() if x.startswith("once the file is restored"))
+    assert line.endswith(f"--resume {checkpoint}")
+    assert not (out / "result.h5ad").exists()
+
+    copy.write_bytes(path.read_bytes())
+    assert cli.main([*argv, "--resume", str(checkpoint)]) == 0
+    assert pd.read_csv(out / "run" / "history.csv")["epoch"].tolist() == [0, 1, 2]

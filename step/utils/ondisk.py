@@ -18,7 +18,7 @@ Only obs, gene names and per-cell totals are kept in memory.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -37,13 +37,18 @@ try:  # anndata >= 0.11
 except ImportError:  # pragma: no cover - older anndata
     from anndata.experimental import read_elem, sparse_dataset
 
-__all__ = ["OnDiskDataset"]
+__all__ = ["OnDiskDataset", "OnDiskReadError", "read_annotations"]
 
 PathLike = str | os.PathLike
 Source = PathLike | ad.AnnData
 
 #: Rows read at once when scanning a file for totals and count checks.
 _SCAN_ROWS = 8192
+
+
+class OnDiskReadError(OSError):
+    """Reading rows of an on-disk file failed (moved, removed, truncated or rewritten
+    while it was in use); the message names the file."""
 
 
 def _listing(names: Sequence[Any], limit: int = 20) -> str:
@@ -92,6 +97,7 @@ class _CountsFile:
         self.obs: pd.DataFrame = read_elem(store["obs"])
         self.var_names = pd.Index(read_elem(store["var"]).index.astype(str))
         self._check_element(store, layer)
+        self._identity = self._stat()
         self.n_obs, n_vars = (int(s) for s in self.counts.shape)
         if n_vars != len(self.var_names) or self.n_obs != len(self.obs):
             msg = f"{self.name}: {self.element} has shape {self.counts.shape}, obs x var is {len(self.obs)} x {len(self.var_names)}"
@@ -101,6 +107,28 @@ class _CountsFile:
     def name(self) -> str:
         """The path, quoted, for messages."""
         return repr(str(self.path))
+
+    def _stat(self) -> tuple[tuple[int, int, int], ...]:
+        """Inode, size and modification time of the file (of a zarr store: of its folder
+        and of the folder of the counts' chunks), to notice a file changed under us."""
+        paths = [self.path]
+        if self.kind == "zarr":
+            paths.append(self.path / self.element / "data")
+        found = [os.stat(p) for p in paths if p == self.path or p.exists()]
+        return tuple((s.st_ino, s.st_size, s.st_mtime_ns) for s in found)
+
+    def _check_unchanged(self) -> None:
+        try:
+            same = self._stat() == self._identity
+        except FileNotFoundError:
+            self.close()
+            msg = f"{self.name} was removed while in use; restore it to continue"
+            raise OnDiskReadError(msg) from None
+        if not same:
+            self.close()
+            msg = (f"{self.name} was changed (truncated, replaced or rewritten) while in use; "
+                   "restore it to continue")
+            raise OnDiskReadError(msg)
 
     def _check_element(self, store: Any, layer: str | None) -> None:
         layers = list(store["layers"].keys()) if "layers" in store else []
@@ -142,10 +170,22 @@ class _CountsFile:
         """Rows (a slice or increasing unique positions) as a float32 CSR matrix."""
         if isinstance(rows, np.ndarray) and rows.size and rows[-1] - rows[0] + 1 == rows.size:
             rows = slice(int(rows[0]), int(rows[-1]) + 1)
-        block = self.counts[rows]
-        if hasattr(block, "to_memory"):
-            block = block.to_memory()
-        return sp.csr_matrix(block, dtype=np.float32)
+        self._check_unchanged()
+        try:
+            block = self.counts[rows]
+            if hasattr(block, "to_memory"):
+                block = block.to_memory()
+            block = sp.csr_matrix(block, dtype=np.float32)
+        except Exception as err:  # h5py and zarr raise many types for a damaged store
+            self.close()
+            msg = (f"reading rows of {self.name} failed ({type(err).__name__}: {err}); was the "
+                   "file moved, removed, truncated or rewritten while in use?")
+            raise OnDiskReadError(msg) from err
+        if block.shape[1] != len(self.var_names):
+            self.close()
+            msg = f"{self.name} changed while in use: its rows now have {block.shape[1]} columns"
+            raise OnDiskReadError(msg)
+        return block
 
     def close(self) -> None:
         if self._store is not None and self.kind == "h5ad":
@@ -291,6 +331,25 @@ class OnDiskDataset(BaseDataset):
         return library
 
     # ------------------------------------------------------------------ reading
+    def iter_blocks(self, rows: int = _SCAN_ROWS) -> Iterator[tuple[int, sp.csr_matrix]]:
+        """Contiguous blocks of all rows of the files, in order, in the dataset's gene order
+        (for a view: of the dataset it was made from).
+
+        Parameters
+        ----------
+        rows
+            Rows per block (the last block may be shorter); blocks never span two files.
+
+        Yields
+        ------
+        The position of the block's first row and its float32 CSR counts.
+        """
+        for f, cols, offset in zip(self.root._files, self.root._columns, self.root._offsets,
+                                   strict=False):
+            for start in range(0, f.n_obs, rows):
+                block = f.read(slice(start, min(start + rows, f.n_obs)))
+                yield int(offset) + start, block if cols is None else block[:, cols]
+
     @property
     def files(self) -> list[Path]:
         """Paths of the files, in row order."""
@@ -330,3 +389,30 @@ class OnDiskDataset(BaseDataset):
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", n_files={len(self._files)})"
+
+
+def read_annotations(source: Source, *, layer: str | None = None) -> tuple[pd.DataFrame, pd.Index]:
+    """obs and gene names of one on-disk file, without reading its counts.
+
+    Parameters
+    ----------
+    source
+        Path of an ``.h5ad`` file or ``.zarr`` store, or an AnnData opened with
+        ``backed="r"``.
+    layer
+        Layer that must hold the counts (as CSR); ``None`` checks ``X``.
+
+    Returns
+    -------
+    The file's obs and its gene names.
+
+    Raises
+    ------
+    FileNotFoundError, KeyError, ValueError
+        As :class:`OnDiskDataset` for the same file.
+    """
+    file = _CountsFile(_source_path(source), layer)
+    try:
+        return file.obs, file.var_names
+    finally:
+        file.close()

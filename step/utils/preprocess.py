@@ -20,7 +20,7 @@ from step.utils.validation import (
     get_counts,
 )
 
-__all__ = ["hvg_flavor", "prepare_counts", "select_genes"]
+__all__ = ["check_n_top_genes", "hvg_flavor", "prepare_counts", "select_genes"]
 
 _FLAVORS = ("seurat_v3", "seurat")
 
@@ -32,6 +32,18 @@ def hvg_flavor() -> str:
     installed, otherwise ``"seurat"`` (dispersion of log-normalised counts).
     """
     return "seurat_v3" if importlib.util.find_spec("skmisc") is not None else "seurat"
+
+
+def check_n_top_genes(n_top_genes: object) -> None:
+    """Raise unless ``n_top_genes`` is ``None`` or a positive integer."""
+    if n_top_genes is None:
+        return
+    if isinstance(n_top_genes, bool) or not isinstance(n_top_genes, int | np.integer):
+        msg = f"n_top_genes must be a positive integer or None, received {n_top_genes!r}"
+        raise TypeError(msg)
+    if n_top_genes < 1:
+        msg = f"n_top_genes must be a positive integer or None, received {n_top_genes}"
+        raise ValueError(msg)
 
 
 def select_genes(var_names: pd.Index, genes: Iterable[str]) -> np.ndarray:
@@ -171,13 +183,7 @@ def prepare_counts(
     counts = get_counts(adata, layer)
     if batch_key is not None:
         check_obs_key(adata, batch_key, role="batch_key")
-    if n_top_genes is not None:
-        if isinstance(n_top_genes, bool) or not isinstance(n_top_genes, int | np.integer):
-            msg = f"n_top_genes must be a positive integer or None, received {n_top_genes!r}"
-            raise TypeError(msg)
-        if n_top_genes < 1:
-            msg = f"n_top_genes must be a positive integer or None, received {n_top_genes}"
-            raise ValueError(msg)
+    check_n_top_genes(n_top_genes)
     if flavor is None:
         flavor = hvg_flavor()
     if flavor not in _FLAVORS:

@@ -25,7 +25,7 @@ from step.functionality.comps.trainer import (
 from step.models import TranscriptFormer
 from step.utils.dataset import BaseDataset, ScDataset, index_loader
 from step.utils.ondisk import OnDiskDataset
-from step.utils.preprocess import prepare_counts
+from step.utils.preprocess import check_n_top_genes, prepare_counts
 from step.utils.validation import (
     check_adata,
     check_in_memory,
@@ -33,7 +33,7 @@ from step.utils.validation import (
     check_obsm_key,
     check_unique_names,
 )
-from step.workflows import _io
+from step.workflows import _io, _ondisk_input
 
 __all__ = ["CHECKPOINT_FILE", "Workflow"]
 
@@ -139,7 +139,8 @@ class Workflow:
 
     #: Name recorded in ``config.json`` and checked by :meth:`load`.
     workflow_name = "Workflow"
-    #: Whether an AnnData opened with ``backed="r"`` is trained on from disk.
+    #: Whether on-disk input (a backed AnnData, paths of .h5ad/.zarr files) is trained
+    #: on from disk.
     supports_backed = False
 
     def __init__(
@@ -150,6 +151,7 @@ class Workflow:
         batch_key: str | None = None,
         class_key: str | None = None,
         n_top_genes: int | None = None,
+        genes: Sequence[str] | None = None,
         hidden_dim: int = 64,
         n_modules: int = 32,
         module_dim: int = 30,
@@ -162,6 +164,15 @@ class Workflow:
         _categories: Mapping[str, Sequence[str] | None] | None = None,
         _model_config: Mapping[str, Any] | None = None,
     ) -> None:
+        self._sources = _ondisk_input.on_disk_sources(adata) if self.supports_backed else None
+        if isinstance(genes, str):
+            msg = f"genes must be a list of gene names, got the single string {genes!r}."
+            raise TypeError(msg)
+        self.requested_genes = None if genes is None else [str(g) for g in genes]
+        if self._sources is not None and not (isinstance(adata, ad.AnnData) and adata.isbacked):
+            # results go into an AnnData holding the files' obs and genes, without counts
+            adata = _ondisk_input.annotations(self._sources, layer=layer,
+                                              genes=_genes or self.requested_genes)
         # load() may embed one cell
         _check_input(adata, for_training=_genes is None, allow_backed=self.supports_backed)
         seed = _check_seed(seed)
@@ -194,44 +205,55 @@ class Workflow:
 
     # ----------------------------------------------------------------- data
     def _prepare(self, adata: ad.AnnData, *, genes: Sequence[str] | None) -> None:
-        """Prepare the counts on a copy and build :attr:`dataset` over it."""
-        if genes is not None:
-            _io.check_genes(adata.var_names, genes)
-        if adata.isbacked:
-            self._prepare_backed(adata, genes=genes)
+        """Prepare the counts on a copy and build :attr:`dataset` over it.
+
+        ``genes`` (a saved model's or a checkpoint's) are used as they are; otherwise the
+        requested genes are kept and ``n_top_genes`` of them selected.
+        """
+        fixed = genes is not None
+        wanted = genes if fixed else self.requested_genes
+        if wanted is not None:
+            _io.check_genes(adata.var_names, wanted)
+        n_top = None if fixed else self.n_top_genes
+        if self._sources is not None:
+            self._prepare_on_disk(adata, genes=wanted, n_top_genes=n_top)
             return
         self._prepared = prepare_counts(
-            adata, layer=self.layer, n_top_genes=None if genes is not None else self.n_top_genes,
-            batch_key=self.batch_key if genes is None else None, genes=genes)
+            adata, layer=self.layer, n_top_genes=n_top,
+            batch_key=None if fixed else self.batch_key, genes=wanted)
         self._align_categories(self._prepared)
         self.dataset = self._make_dataset(self._prepared)
+        self._remember_categories()
+
+    def _remember_categories(self) -> None:
         if self._categories.get("batch") is None:
             self._categories["batch"] = self.dataset.batch_categories
         if self._categories.get("class") is None:
             self._categories["class"] = self.dataset.class_categories
 
-    def _prepare_backed(self, adata: ad.AnnData, *, genes: Sequence[str] | None) -> None:
-        """Build :attr:`dataset` over the file behind ``adata``, leaving the counts on disk.
+    def _prepare_on_disk(self, adata: ad.AnnData, *, genes: Sequence[str] | None,
+                         n_top_genes: int | None) -> None:
+        """Build :attr:`dataset` over the files, leaving the counts on disk.
 
-        :attr:`_prepared` then holds only obs and the genes (no counts).
+        ``n_top_genes`` are selected in one streaming pass over the counts (the same
+        selection as in memory); :attr:`_prepared` then holds only obs and the genes.
         """
-        if genes is None and self.n_top_genes is not None:
-            msg = ("n_top_genes needs the counts in memory; with backed data select the genes "
-                   "beforehand (e.g. write a file with only those genes) or load the data "
-                   "into memory with adata.to_memory().")
-            raise ValueError(msg)
         names = [str(g) for g in (adata.var_names if genes is None else genes)]
+        check_n_top_genes(n_top_genes)
+        if n_top_genes is not None and n_top_genes < len(names):
+            if self.batch_key is not None:
+                check_obs_key(adata, self.batch_key, role="batch_key")
+            batches = None if self.batch_key is None else adata.obs[self.batch_key].to_numpy()
+            names = _ondisk_input.selected_genes(self._sources, names, int(n_top_genes),
+                                                 layer=self.layer, batches=batches)
         self._prepared = ad.AnnData(obs=adata.obs.copy(), var=pd.DataFrame(index=pd.Index(names)))
         self._align_categories(self._prepared)
         obs = self._prepared.obs
         self.dataset = OnDiskDataset(
-            adata, layer=self.layer, genes=names, obs=obs, mode=MODES.BATCH,
+            self._sources, layer=self.layer, genes=names, obs=obs, mode=MODES.BATCH,
             batch_key=self.batch_key if self.batch_key in obs.columns else None,
             class_key=self.class_key if self.class_key in obs.columns else None)
-        if self._categories.get("batch") is None:
-            self._categories["batch"] = self.dataset.batch_categories
-        if self._categories.get("class") is None:
-            self._categories["class"] = self.dataset.class_categories
+        self._remember_categories()
 
     def _align_categories(self, prepared: ad.AnnData, *, with_class: bool = True) -> None:
         """Give the batch/class columns of the (private) copy the saved category order."""

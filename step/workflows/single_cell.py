@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import anndata as ad
@@ -30,11 +30,14 @@ class scModel(Workflow):  # noqa: N801 - the name users know from STEP
     Parameters
     ----------
     adata
-        Cells x genes AnnData with raw integer counts in ``X`` or ``layers[layer]``.
-        An AnnData opened with ``anndata.read_h5ad(path, backed="r")`` (CSR counts) is
-        trained on from the file, reading mini-batches from disk
-        (:class:`~step.utils.ondisk.OnDiskDataset`); ``n_top_genes`` then needs the
-        counts in memory and is refused.
+        Cells x genes AnnData with raw integer counts in ``X`` or ``layers[layer]``, or
+        data left on disk and read in mini-batches
+        (:class:`~step.utils.ondisk.OnDiskDataset`; CSR counts): an AnnData opened with
+        ``anndata.read_h5ad(path, backed="r")``, the path of an ``.h5ad`` file or a
+        ``.zarr`` store, or a list of these read as one collection (rows concatenated in
+        order, genes matched by name; cell names must be unique across the files). For
+        paths, ``model.adata`` is an AnnData without counts holding the files' obs and the
+        genes, and receives the results.
     layer
         Layer with the counts; ``None`` reads ``X``.
     batch_key
@@ -44,7 +47,12 @@ class scModel(Workflow):  # noqa: N801 - the name users know from STEP
         validation split.
     n_top_genes
         Keep this many highly variable genes (batch-aware with ``batch_key``); ``None``
-        keeps all genes.
+        keeps all genes. For on-disk data they are selected in one pass over blocks of
+        rows, with the same result as in memory
+        (:func:`~step.utils.streaming_hvg.highly_variable_from_blocks`).
+    genes
+        Train on these genes only, in this order (every one must be in the data);
+        ``n_top_genes`` then selects among them. ``None`` uses every gene.
     hidden_dim, n_modules, module_dim, n_layers, likelihood
         Architecture of :class:`~step.models.TranscriptFormer` (width, gene-module tokens,
         token size, transformer layers, ``"zinb"``/``"nb"``/``"poisson"``).
@@ -84,6 +92,7 @@ class scModel(Workflow):  # noqa: N801 - the name users know from STEP
         batch_key: str | None = None,
         class_key: str | None = None,
         n_top_genes: int | None = None,
+        genes: Sequence[str] | None = None,
         hidden_dim: int = 64,
         n_modules: int = 32,
         module_dim: int = 30,
@@ -96,7 +105,7 @@ class scModel(Workflow):  # noqa: N801 - the name users know from STEP
     ) -> None:
         super().__init__(
             adata, layer=layer, batch_key=batch_key, class_key=class_key,
-            n_top_genes=n_top_genes, hidden_dim=hidden_dim, n_modules=n_modules,
+            n_top_genes=n_top_genes, genes=genes, hidden_dim=hidden_dim, n_modules=n_modules,
             module_dim=module_dim, n_layers=n_layers, likelihood=likelihood, seed=seed,
             device=device, model_kw={"kl_weight": kl_weight, **model_kw},
         )
@@ -114,6 +123,9 @@ class scModel(Workflow):  # noqa: N801 - the name users know from STEP
         checkpoint_dir: str | os.PathLike | None = None,
         resume: str | os.PathLike | None = None,
         verbose: bool = True,
+        steps_per_epoch: int | None = None,
+        block_size: int | None = None,
+        buffer_blocks: int = 16,
         **trainer_kw: Any,
     ) -> pd.DataFrame:
         """Train on the counts (stage 1) and write the embedding.
@@ -147,6 +159,17 @@ class scModel(Workflow):  # noqa: N801 - the name users know from STEP
             A checkpoint to continue from (written by a run with the same settings).
         verbose
             Live progress display and stop messages.
+        steps_per_epoch
+            End each epoch after this many mini-batches (each epoch draws a new shuffled
+            order), so that validation, early stopping, checkpoints and resume happen every
+            ``steps_per_epoch`` steps on data too large for full passes; ``None`` for one
+            full pass per epoch.
+        block_size, buffer_blocks
+            Block shuffling of the training batches
+            (:class:`~step.utils.block_sampler.BlockBatchSampler`): contiguous blocks of
+            ``block_size`` rows in random order, rows shuffled within ``buffer_blocks``
+            blocks, so that a batch from disk reads a few contiguous ranges. ``None``
+            shuffles single rows.
         **trainer_kw
             Other :class:`~step.functionality.comps.trainer.Trainer` arguments
             (``early_stopping``, ``stop_rule``, ``kl_warmup_epochs``, ``grad_clip``,
@@ -161,17 +184,21 @@ class scModel(Workflow):  # noqa: N801 - the name users know from STEP
         epochs = _check_positive_int("epochs", epochs)
         lr = _check_rate("lr", lr)
         _check_key_added(key_added)
+        for name, value in (("steps_per_epoch", steps_per_epoch), ("block_size", block_size)):
+            if value is not None:
+                _check_positive_int(name, value)
+        _check_positive_int("buffer_blocks", buffer_blocks)
         if resume is not None:
             self.check_resume(resume)
         trainer = self._make_trainer(checkpoint_dir=checkpoint_dir, probe=probe,
                                      verbose=verbose, trainer_kw=trainer_kw)
         self.dataset.set_mode(MODES.BATCH)
         loaders = make_loaders(self.dataset, batch_size, split_rate, obs_key=self._split_key(),
-                               seed=self.seed)
+                               seed=self.seed, block_size=block_size, buffer_blocks=buffer_blocks)
         trainer.init_optimizer(lr=lr, stage=1)
         if resume is not None:
             trainer.load_checkpoint(resume)
-        trainer.train_batch(epochs, loaders)
+        trainer.train_batch(epochs, loaders, steps_per_epoch=steps_per_epoch)
         self._final_checkpoint()
         self._write_obsm({key_added: self._infer(self.dataset)})
         return self.history

@@ -45,7 +45,9 @@ def test_backed_training_equals_in_memory_training(pbmc_h5ad, tmp_path):
     np.testing.assert_allclose(loaded.embed(), backed.embed(), atol=1e-6)
 
 
-def test_backed_refuses_gene_selection(pbmc_h5ad):
-    path, _ = pbmc_h5ad
-    with pytest.raises(ValueError, match="n_top_genes needs the counts in memory"):
-        scModel(ad.read_h5ad(path, backed="r"), n_top_genes=50, **TINY)
+
+def test_backed_gene_selection_equals_in_memory_selection(pbmc_h5ad):
+    path, adata = pbmc_h5ad
+    memory = scModel(adata.copy(), n_top_genes=50, batch_key="phase", **TINY)
+    backed = scModel(ad.read_h5ad(path, backed="r"), n_top_genes=50, batch_key="phase", **TINY)
+    assert backed.genes == memory.genes and backed.dataset.n_genes == 50

@@ -124,6 +124,10 @@ class FitLoop:
             self._on_interrupt(str(err) or "keyboard interrupt")
             self._finish(stopped, interrupted=True)
             raise
+        except OSError as err:  # e.g. a data file damaged while reading: keep the last epoch
+            self._on_interrupt(f"{type(err).__name__}: {err}")
+            self._finish(stopped, interrupted=True)
+            raise
         self._finish(stopped)
         if failure is not None:
             raise failure
