@@ -30,6 +30,7 @@ import scipy.sparse as sp
 
 from step._constants import MODES
 from step.utils.dataset import BaseDataset, _read_only
+from step.utils.row_runs import read_runs
 from step.utils.validation import check_counts
 
 try:  # anndata >= 0.11
@@ -140,12 +141,20 @@ class _CountsFile:
 
     def read(self, rows: np.ndarray | slice) -> sp.csr_matrix:
         """Rows (a slice or increasing unique positions) as a float32 CSR matrix."""
-        if isinstance(rows, np.ndarray) and rows.size and rows[-1] - rows[0] + 1 == rows.size:
-            rows = slice(int(rows[0]), int(rows[-1]) + 1)
+        if isinstance(rows, np.ndarray):
+            return read_runs(self.counts, rows)
         block = self.counts[rows]
         if hasattr(block, "to_memory"):
             block = block.to_memory()
         return sp.csr_matrix(block, dtype=np.float32)
+
+    def coordinates(self, key: str) -> np.ndarray:
+        """The array ``obsm[key]`` of this file, read into memory."""
+        obsm = self.store["obsm"] if "obsm" in self.store else {}
+        if key not in obsm:
+            msg = f"{self.name}: spatial_key {key!r} is not in obsm; obsm keys: {_listing(list(obsm.keys())) or 'none'}"
+            raise KeyError(msg)
+        return np.asarray(read_elem(obsm[key]))
 
     def close(self) -> None:
         if self._store is not None and self.kind == "h5ad":
@@ -173,6 +182,9 @@ class OnDiskDataset(BaseDataset):
         Column of obs with batch labels (in every file); batch 0 when ``None``.
     class_key
         Column of obs with class labels (in every file).
+    spatial_key
+        Entry of obsm with coordinates (in every file; the first two columns are used),
+        kept in memory; needed by the ``"spatial"`` mode. ``None`` skips coordinates.
     genes
         Gene order of the dataset; the first file's genes when ``None``. Each file's
         columns are reordered to it; genes a file has beyond these are not used.
@@ -180,14 +192,15 @@ class OnDiskDataset(BaseDataset):
         Annotations to read labels from instead of the files' obs (one row per
         cell, in the files' row order), e.g. with categories aligned to a model.
     mode
-        Initial mode, one of ``"expr"``, ``"batch"``, ``"class"``.
+        Initial mode, one of ``"expr"``, ``"batch"``, ``"class"``, ``"spatial"``.
 
     Raises
     ------
     FileNotFoundError
         If a path does not exist.
     KeyError
-        If a layer or obs column is missing from a file (the message names the file).
+        If a layer, obs column or obsm entry is missing from a file (the message names
+        the file).
     ValueError
         If a file lacks some genes (listed), stores no CSR counts, or holds
         values that are not counts.
@@ -196,10 +209,13 @@ class OnDiskDataset(BaseDataset):
     -----
     Opening scans each file once, in blocks of rows, to check the counts and compute
     the per-cell totals; the matrix itself is never held in memory. ``dataset[idx]``
-    reads the rows of ``idx`` in increasing order and returns the same dict as
-    :class:`~step.utils.dataset.ScDataset`. Use block shuffling
-    (``index_loader(..., block_size=...)``) when training, so that each batch reads a
-    few contiguous ranges instead of one range per cell.
+    reads the rows of ``idx`` in increasing order, one slice per run of consecutive
+    rows, and returns the same dict as :class:`~step.utils.dataset.ScDataset`. Use
+    block shuffling (``index_loader(..., block_size=...)``) when training, so that each
+    batch reads a few contiguous ranges instead of one range per cell. For spatial
+    training with :meth:`Trainer.train_node_sampler`, write the store in the order of
+    :func:`step.graph.spatial_order` (:func:`step.utils.write_in_order`) so that each
+    sampled sub-graph reads a few ranges as well.
     """
 
     def __init__(
@@ -209,6 +225,7 @@ class OnDiskDataset(BaseDataset):
         layer: str | None = None,
         batch_key: str | None = None,
         class_key: str | None = None,
+        spatial_key: str | None = None,
         genes: Sequence[str] | None = None,
         obs: pd.DataFrame | None = None,
         mode: str = MODES.EXPR,
@@ -251,8 +268,13 @@ class OnDiskDataset(BaseDataset):
         self._obs_names = pd.Index(self._obs.index.astype(str))
         self._library = _read_only(self._scan())
         self._warn_empty_cells()
-        annotations = SimpleNamespace(obs=self._obs, obsm={})
-        self._init_annotations(annotations, batch_key=batch_key, class_key=class_key, spatial_key=None, mode=mode)
+        obsm = {}
+        if spatial_key is not None:
+            obsm[spatial_key] = np.concatenate([f.coordinates(spatial_key) for f in self._files])
+        annotations = SimpleNamespace(obs=self._obs, obsm=obsm)
+        self._init_annotations(
+            annotations, batch_key=batch_key, class_key=class_key, spatial_key=spatial_key, mode=mode
+        )
 
     # ------------------------------------------------------------------ set-up
     def _match_genes(self) -> list[np.ndarray | None]:
