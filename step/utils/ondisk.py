@@ -30,7 +30,7 @@ import scipy.sparse as sp
 
 from step._constants import MODES
 from step.utils.dataset import BaseDataset, _read_only
-from step.utils.row_runs import read_runs
+from step.utils.row_runs import read_rows
 from step.utils.validation import check_counts
 
 try:  # anndata >= 0.11
@@ -89,6 +89,7 @@ class _CountsFile:
         self.element = "X" if layer is None else f"layers/{layer}"
         self._store: Any = None
         self._counts: Any = None
+        self._indptr: np.ndarray | None = None
         store = self.store
         self.obs: pd.DataFrame = read_elem(store["obs"])
         self.var_names = pd.Index(read_elem(store["var"]).index.astype(str))
@@ -139,10 +140,17 @@ class _CountsFile:
             self._counts = sparse_dataset(self.store[self.element])
         return self._counts
 
+    @property
+    def indptr(self) -> np.ndarray:
+        """Row pointers of the counts, read once and kept in memory (``n_obs + 1`` ints)."""
+        if self._indptr is None:
+            self._indptr = np.asarray(self.store[self.element]["indptr"][:], dtype=np.int64)
+        return self._indptr
+
     def read(self, rows: np.ndarray | slice) -> sp.csr_matrix:
         """Rows (a slice or increasing unique positions) as a float32 CSR matrix."""
         if isinstance(rows, np.ndarray):
-            return read_runs(self.counts, rows)
+            return read_rows(self.store[self.element], self.indptr, rows, len(self.var_names))
         block = self.counts[rows]
         if hasattr(block, "to_memory"):
             block = block.to_memory()
@@ -163,7 +171,7 @@ class _CountsFile:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_store"] = state["_counts"] = None
+        state["_store"] = state["_counts"] = state["_indptr"] = None
         return state
 
 

@@ -3,7 +3,8 @@
 Used to lay out a spatial store along :func:`step.graph.spatial_order` so that the
 sub-graphs sampled for training read a few contiguous row ranges. The count matrices
 (``X`` and sparse layers) are never loaded whole: each output chunk's rows are read
-from the source in increasing order, put in the new order and appended to the output.
+from the source in increasing order, put in the new order and appended to the output;
+the row pointers of each matrix (``n_obs + 1`` integers) are held in memory.
 The per-row annotations (obs, obsm, obsp) and the rest (var, varm, varp, uns) are read
 into memory, as when a store is opened backed.
 """
@@ -18,7 +19,7 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
-from step.utils.row_runs import read_runs
+from step.utils.row_runs import read_rows
 
 try:  # anndata >= 0.11
     from anndata.io import read_elem, sparse_dataset, write_elem
@@ -82,11 +83,11 @@ def _matrices(store: Any) -> dict[str, Any]:
     return out
 
 
-def _chunk(matrix: Any, rows: np.ndarray, wide_index: bool) -> sp.csr_matrix:
+def _chunk(matrix: Any, indptr: np.ndarray, rows: np.ndarray, wide_index: bool) -> sp.csr_matrix:
     """Rows ``rows`` (any order, distinct) of a backed CSR matrix, in that order."""
     ascending = np.sort(rows)
-    block = read_runs(matrix, ascending)[np.searchsorted(ascending, rows)]
-    block = sp.csr_matrix(block, dtype=matrix.dtype)
+    block = read_rows(matrix.group, indptr, ascending, matrix.shape[1])
+    block = sp.csr_matrix(block[np.searchsorted(ascending, rows)], dtype=matrix.dtype)
     if wide_index:  # the whole matrix needs 64-bit positions: appending keeps the first dtype
         block.indices = block.indices.astype(np.int64)
         block.indptr = block.indptr.astype(np.int64)
@@ -163,9 +164,10 @@ def write_in_order(
         try:
             write_elem(out, "/", _skeleton(store, order))
             for name, matrix in _matrices(store).items():
-                wide = int(matrix.group["indptr"][-1]) > _INT32_MAX
+                indptr = np.asarray(matrix.group["indptr"][:], dtype=np.int64)
+                wide = int(indptr[-1]) > _INT32_MAX
                 for start in range(0, n_obs, chunk_rows):
-                    block = _chunk(matrix, order[start : start + chunk_rows], wide)
+                    block = _chunk(matrix, indptr, order[start : start + chunk_rows], wide)
                     if start == 0:
                         write_elem(out, name, block)
                     else:
