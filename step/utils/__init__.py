@@ -13,7 +13,7 @@ from step.utils.dataset import (
 )
 from step.utils.ondisk import OnDiskDataset
 from step.utils.preprocess import prepare_counts
-from step.utils.row_runs import contiguous_runs
+from step.utils.row_runs import contiguous_runs, read_rows
 from step.utils.store_order import write_in_order
 
 __all__ = [
@@ -27,5 +27,6 @@ __all__ = [
     "contiguous_runs",
     "index_loader",
     "prepare_counts",
+    "read_rows",
     "write_in_order",
 ]

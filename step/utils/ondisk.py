@@ -4,15 +4,18 @@
 Trainer (same batch dicts, ``n_genes``, ``obs``, ``subset`` views, ``len``) but keeps
 the count matrix on disk: an ``.h5ad`` file (also one opened with
 ``anndata.read_h5ad(path, backed="r")``) or a ``.zarr`` store holding a CSR matrix in
-``X`` or in a layer. Rows are read with anndata's own sparse reader
-(:func:`anndata.io.sparse_dataset`), always in increasing order: a batch's rows are
+``X`` or in a layer. Rows are always read in increasing order: a batch's rows are
 sorted and de-duplicated, read, and put back in the requested order in memory,
-because sorted reads are much faster than random ones in HDF5 and zarr.
+because sorted reads are much faster than random ones in HDF5 and zarr. Each run of
+consecutive rows is one access to the stored values (:func:`step.utils.read_rows`,
+with the row pointers held in memory); whole blocks of rows are read with anndata's
+sparse reader (:func:`anndata.io.sparse_dataset`).
 
 Several files form one collection: their rows are concatenated and their columns
 are matched by gene name to one gene order (the first file's unless ``genes`` is
 given). A file that lacks some of the genes is refused with the list of what it lacks.
-Only obs, gene names and per-cell totals are kept in memory.
+Only obs, gene names, per-cell totals, row pointers and (with ``spatial_key``) the
+coordinates are kept in memory.
 """
 
 from __future__ import annotations
@@ -221,9 +224,11 @@ class OnDiskDataset(BaseDataset):
     rows, and returns the same dict as :class:`~step.utils.dataset.ScDataset`. Use
     block shuffling (``index_loader(..., block_size=...)``) when training, so that each
     batch reads a few contiguous ranges instead of one range per cell. For spatial
-    training with :meth:`Trainer.train_node_sampler`, write the store in the order of
-    :func:`step.graph.spatial_order` (:func:`step.utils.write_in_order`) so that each
-    sampled sub-graph reads a few ranges as well.
+    training with
+    :meth:`~step.functionality.comps.trainer.Trainer.train_node_sampler`, write the
+    store in the order of :func:`step.graph.spatial_order`
+    (:func:`step.utils.write_in_order`) so that each sampled sub-graph reads a few
+    ranges as well.
     """
 
     def __init__(
