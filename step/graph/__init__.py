@@ -1,4 +1,4 @@
-"""Spatial graphs: construction per section and sub-graph sampling.
+"""Spatial graphs: construction per section, sub-graph sampling and curve row orders.
 
 Graphs are built with scipy k-d trees and sampled in pure torch, so nothing
 here needs compiled PyG extensions; ``WITH_PYG_LIB`` and
@@ -15,6 +15,7 @@ from step.graph.build import (
     lattice_spacing,
     section_graphs,
 )
+from step.graph.ordering import spatial_order
 from step.graph.sampling import NeighborSampler, RandomNodeSampler
 
 __all__ = [
@@ -27,4 +28,5 @@ __all__ = [
     "graph_from_adata",
     "lattice_spacing",
     "section_graphs",
+    "spatial_order",
 ]

@@ -36,6 +36,7 @@ import torch
 from step.graph import _backends
 from step.graph._csr import CompressedGraph, LocalIds, induced_subgraph, sample_hops
 from step.graph._data import GraphData
+from step.graph._seed_order import block_shuffle
 from step.graph._validate import as_edge_index, as_num_neighbors, check_int, section_codes
 
 SamplerBackend = Literal["torch", "pyg_lib", "auto"]
@@ -91,6 +92,7 @@ class _EpochSampler:
         input_nodes: Any,
         sections: Any = None,
         graph_batch_size: int | None = None,
+        seed_block_size: int | None = None,
     ) -> None:
         num_nodes = check_int(num_nodes, "num_nodes", minimum=1)
         self.num_nodes = num_nodes
@@ -98,6 +100,10 @@ class _EpochSampler:
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)
         self.seed = _seed_from_torch() if seed is None else check_int(seed, "seed", minimum=0)
+        self.seed_block_size = (
+            None if seed_block_size is None
+            else check_int(seed_block_size, "seed_block_size", minimum=1)
+        )
         self.graph = CompressedGraph.from_edge_index(
             as_edge_index(edge_index, num_nodes), num_nodes
         )
@@ -168,6 +174,11 @@ class _EpochSampler:
             present = present[torch.randperm(present.numel(), generator=self._generator(epoch, 0))]
         return list(torch.split(present, self.graph_batch_size))  # type: ignore[arg-type]
 
+    def _shuffled(self, seeds: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        if self.seed_block_size is None:
+            return seeds[torch.randperm(seeds.numel(), generator=gen)]
+        return block_shuffle(seeds, self.seed_block_size, gen)
+
     def _steps_in(self, n: int) -> int:
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
@@ -177,7 +188,7 @@ class _EpochSampler:
         if self.sections is None:
             seeds = self.input_nodes
             if self.shuffle:
-                seeds = seeds[torch.randperm(seeds.numel(), generator=gen)]
+                seeds = self._shuffled(seeds, gen)
             for batch in self._split(seeds):
                 yield batch, None
             return
@@ -185,7 +196,7 @@ class _EpochSampler:
         for group in self._section_groups(epoch):
             seeds = torch.cat([self._seeds_by_section[ptr[s] : ptr[s + 1]] for s in group.tolist()])
             if self.shuffle:
-                seeds = seeds[torch.randperm(seeds.numel(), generator=gen)]
+                seeds = self._shuffled(seeds, gen)
             for batch in self._split(seeds):
                 yield batch, group
 
@@ -307,6 +318,9 @@ class NeighborSampler(_EpochSampler):
     input_nodes
         Nodes that may be seeds (ids or boolean mask), e.g. training nodes;
         all nodes by default. Neighbours may be any node.
+    seed_block_size
+        Shuffle seeds in runs of this many consecutive seed ids instead of one
+        by one (``None``, the default). See the notes.
     backend
         ``"torch"`` (default, reproducible from ``seed``), ``"pyg_lib"``
         (compiled sampler; needs pyg-lib; its randomness follows torch's
@@ -322,6 +336,15 @@ class NeighborSampler(_EpochSampler):
     With ``sections``, ``len()`` can change from epoch to epoch since it
     depends on how the sections are grouped; it reports the epoch being
     iterated (or the next one).
+
+    With ``seed_block_size``, an epoch cuts the seeds (in id order, per
+    section group) into runs of ``seed_block_size`` consecutive seeds, starting
+    at a random offset, and visits the runs in random order; a batch then holds
+    about ``batch_size / seed_block_size`` random runs. On data whose rows
+    follow :func:`step.graph.spatial_order`, a run is a compact patch of tissue,
+    so a sub-graph covers a few patches and its rows form a few contiguous
+    ranges of the store (few reads from disk). Seeds of one batch are then
+    spatially correlated; smaller runs are closer to independent seeds.
     """
 
     def __init__(
@@ -337,6 +360,7 @@ class NeighborSampler(_EpochSampler):
         sections: Any = None,
         graph_batch_size: int | None = None,
         input_nodes: Any = None,
+        seed_block_size: int | None = None,
         backend: SamplerBackend = "torch",
     ) -> None:
         if backend not in _BACKENDS:
@@ -359,6 +383,7 @@ class NeighborSampler(_EpochSampler):
             input_nodes=input_nodes,
             sections=sections,
             graph_batch_size=graph_batch_size,
+            seed_block_size=seed_block_size,
         )
 
     def _sample(self, seeds: torch.Tensor, generator: torch.Generator) -> GraphData:
@@ -417,7 +442,7 @@ class RandomNodeSampler(_EpochSampler):
         Number of nodes of the graph.
     num_nodes_per_step
         Nodes per sub-graph.
-    shuffle, drop_last, seed, input_nodes
+    shuffle, drop_last, seed, input_nodes, seed_block_size
         As in :class:`NeighborSampler`.
 
     Notes
@@ -438,6 +463,7 @@ class RandomNodeSampler(_EpochSampler):
         drop_last: bool = False,
         seed: int | None = None,
         input_nodes: Any = None,
+        seed_block_size: int | None = None,
     ) -> None:
         super().__init__(
             edge_index,
@@ -447,6 +473,7 @@ class RandomNodeSampler(_EpochSampler):
             drop_last=drop_last,
             seed=seed,
             input_nodes=input_nodes,
+            seed_block_size=seed_block_size,
         )
         self.num_nodes_per_step = self.batch_size
 

@@ -13,6 +13,8 @@ from step.utils.dataset import (
 )
 from step.utils.ondisk import OnDiskDataset
 from step.utils.preprocess import prepare_counts
+from step.utils.row_runs import contiguous_runs, read_rows
+from step.utils.store_order import write_in_order
 
 __all__ = [
     "BaseDataset",
@@ -22,6 +24,9 @@ __all__ = [
     "OnDiskDataset",
     "ScDataset",
     "StDataset",
+    "contiguous_runs",
     "index_loader",
     "prepare_counts",
+    "read_rows",
+    "write_in_order",
 ]

@@ -4,15 +4,18 @@
 Trainer (same batch dicts, ``n_genes``, ``obs``, ``subset`` views, ``len``) but keeps
 the count matrix on disk: an ``.h5ad`` file (also one opened with
 ``anndata.read_h5ad(path, backed="r")``) or a ``.zarr`` store holding a CSR matrix in
-``X`` or in a layer. Rows are read with anndata's own sparse reader
-(:func:`anndata.io.sparse_dataset`), always in increasing order: a batch's rows are
+``X`` or in a layer. Rows are always read in increasing order: a batch's rows are
 sorted and de-duplicated, read, and put back in the requested order in memory,
-because sorted reads are much faster than random ones in HDF5 and zarr.
+because sorted reads are much faster than random ones in HDF5 and zarr. Each run of
+consecutive rows is one access to the stored values (:func:`step.utils.read_rows`,
+with the row pointers held in memory); whole blocks of rows are read with anndata's
+sparse reader (:func:`anndata.io.sparse_dataset`).
 
 Several files form one collection: their rows are concatenated and their columns
 are matched by gene name to one gene order (the first file's unless ``genes`` is
 given). A file that lacks some of the genes is refused with the list of what it lacks.
-Only obs, gene names and per-cell totals are kept in memory.
+Only obs, gene names, per-cell totals, row pointers and (with ``spatial_key``) the
+coordinates are kept in memory.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import scipy.sparse as sp
 
 from step._constants import MODES
 from step.utils.dataset import BaseDataset, _read_only
+from step.utils.row_runs import read_rows
 from step.utils.validation import check_counts
 
 try:  # anndata >= 0.11
@@ -93,6 +97,7 @@ class _CountsFile:
         self.element = "X" if layer is None else f"layers/{layer}"
         self._store: Any = None
         self._counts: Any = None
+        self._indptr: np.ndarray | None = None
         store = self.store
         self.obs: pd.DataFrame = read_elem(store["obs"])
         self.var_names = pd.Index(read_elem(store["var"]).index.astype(str))
@@ -166,16 +171,25 @@ class _CountsFile:
             self._counts = sparse_dataset(self.store[self.element])
         return self._counts
 
+    @property
+    def indptr(self) -> np.ndarray:
+        """Row pointers of the counts, read once and kept in memory (``n_obs + 1`` ints)."""
+        if self._indptr is None:
+            self._indptr = np.asarray(self.store[self.element]["indptr"][:], dtype=np.int64)
+        return self._indptr
+
     def read(self, rows: np.ndarray | slice) -> sp.csr_matrix:
         """Rows (a slice or increasing unique positions) as a float32 CSR matrix."""
-        if isinstance(rows, np.ndarray) and rows.size and rows[-1] - rows[0] + 1 == rows.size:
-            rows = slice(int(rows[0]), int(rows[-1]) + 1)
         self._check_unchanged()
         try:
-            block = self.counts[rows]
-            if hasattr(block, "to_memory"):
-                block = block.to_memory()
-            block = sp.csr_matrix(block, dtype=np.float32)
+            if isinstance(rows, np.ndarray):
+                block = read_rows(self.store[self.element], self.indptr, rows,
+                                  len(self.var_names))
+            else:
+                block = self.counts[rows]
+                if hasattr(block, "to_memory"):
+                    block = block.to_memory()
+                block = sp.csr_matrix(block, dtype=np.float32)
         except Exception as err:  # h5py and zarr raise many types for a damaged store
             self.close()
             msg = (f"reading rows of {self.name} failed ({type(err).__name__}: {err}); was the "
@@ -187,14 +201,22 @@ class _CountsFile:
             raise OnDiskReadError(msg)
         return block
 
+    def coordinates(self, key: str) -> np.ndarray:
+        """The array ``obsm[key]`` of this file, read into memory."""
+        obsm = self.store["obsm"] if "obsm" in self.store else {}
+        if key not in obsm:
+            msg = f"{self.name}: spatial_key {key!r} is not in obsm; obsm keys: {_listing(list(obsm.keys())) or 'none'}"
+            raise KeyError(msg)
+        return np.asarray(read_elem(obsm[key]))
+
     def close(self) -> None:
         if self._store is not None and self.kind == "h5ad":
             self._store.close()
-        self._store = self._counts = None
+        self._store = self._counts = self._indptr = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_store"] = state["_counts"] = None
+        state["_store"] = state["_counts"] = state["_indptr"] = None
         return state
 
 
@@ -213,6 +235,9 @@ class OnDiskDataset(BaseDataset):
         Column of obs with batch labels (in every file); batch 0 when ``None``.
     class_key
         Column of obs with class labels (in every file).
+    spatial_key
+        Entry of obsm with coordinates (in every file; the first two columns are used),
+        kept in memory; needed by the ``"spatial"`` mode. ``None`` skips coordinates.
     genes
         Gene order of the dataset; the first file's genes when ``None``. Each file's
         columns are reordered to it; genes a file has beyond these are not used.
@@ -220,14 +245,15 @@ class OnDiskDataset(BaseDataset):
         Annotations to read labels from instead of the files' obs (one row per
         cell, in the files' row order), e.g. with categories aligned to a model.
     mode
-        Initial mode, one of ``"expr"``, ``"batch"``, ``"class"``.
+        Initial mode, one of ``"expr"``, ``"batch"``, ``"class"``, ``"spatial"``.
 
     Raises
     ------
     FileNotFoundError
         If a path does not exist.
     KeyError
-        If a layer or obs column is missing from a file (the message names the file).
+        If a layer, obs column or obsm entry is missing from a file (the message names
+        the file).
     ValueError
         If a file lacks some genes (listed), stores no CSR counts, or holds
         values that are not counts.
@@ -236,10 +262,15 @@ class OnDiskDataset(BaseDataset):
     -----
     Opening scans each file once, in blocks of rows, to check the counts and compute
     the per-cell totals; the matrix itself is never held in memory. ``dataset[idx]``
-    reads the rows of ``idx`` in increasing order and returns the same dict as
-    :class:`~step.utils.dataset.ScDataset`. Use block shuffling
-    (``index_loader(..., block_size=...)``) when training, so that each batch reads a
-    few contiguous ranges instead of one range per cell.
+    reads the rows of ``idx`` in increasing order, one slice per run of consecutive
+    rows, and returns the same dict as :class:`~step.utils.dataset.ScDataset`. Use
+    block shuffling (``index_loader(..., block_size=...)``) when training, so that each
+    batch reads a few contiguous ranges instead of one range per cell. For spatial
+    training with
+    :meth:`~step.functionality.comps.trainer.Trainer.train_node_sampler`, write the
+    store in the order of :func:`step.graph.spatial_order`
+    (:func:`step.utils.write_in_order`) so that each sampled sub-graph reads a few
+    ranges as well.
     """
 
     def __init__(
@@ -249,6 +280,7 @@ class OnDiskDataset(BaseDataset):
         layer: str | None = None,
         batch_key: str | None = None,
         class_key: str | None = None,
+        spatial_key: str | None = None,
         genes: Sequence[str] | None = None,
         obs: pd.DataFrame | None = None,
         mode: str = MODES.EXPR,
@@ -291,8 +323,13 @@ class OnDiskDataset(BaseDataset):
         self._obs_names = pd.Index(self._obs.index.astype(str))
         self._library = _read_only(self._scan())
         self._warn_empty_cells()
-        annotations = SimpleNamespace(obs=self._obs, obsm={})
-        self._init_annotations(annotations, batch_key=batch_key, class_key=class_key, spatial_key=None, mode=mode)
+        obsm = {}
+        if spatial_key is not None:
+            obsm[spatial_key] = np.concatenate([f.coordinates(spatial_key) for f in self._files])
+        annotations = SimpleNamespace(obs=self._obs, obsm=obsm)
+        self._init_annotations(
+            annotations, batch_key=batch_key, class_key=class_key, spatial_key=spatial_key, mode=mode
+        )
 
     # ------------------------------------------------------------------ set-up
     def _match_genes(self) -> list[np.ndarray | None]:
