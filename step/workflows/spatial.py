@@ -301,6 +301,20 @@ class stModel(Workflow):  # noqa: N801 - the name users know from STEP
             (``default_epochs``): a section of a few hundred spots gets about 80
             stage-1 epochs, 100,000 spots get 10. With 100 epochs of 128 spots, sections of
             a few hundred spots had only ~500 steps and their domains were poor.
+
+            These stage-1 steps are where a two-stage run spends its time: profiled on
+            ``st_rounded`` of ``benchmarks/spatial_quality.py`` (528 spots, one thread),
+            about 80% went to the 1,500 stage-1 steps (forward and backward of the
+            transformer over 32 spots), 7% to the per-epoch validation and 11% to the 20
+            stage-2 steps over the whole section. Less work costs domain quality there
+            (``X_smoothed`` k-means ARI, first seed): 0.44 at the defaults, 0.17 with 300
+            steps, 0.15 with 400 steps of 128 spots, 0.28 with 800 steps of 64, 0.31 with
+            1,500 steps of 16, and 0.01 with ``lr=3e-3`` (which also drives the smoother
+            in stage 2). The end-to-end mode encodes the sampled neighbourhood of every
+            seed at each step (on a small section nearly the whole section), so its 200
+            steps cost about as much as two-stage training while the backbone gets about
+            a seventh of the updates; its embeddings are weaker on the benchmark, which
+            is why ``"two-stage"`` is the default mode.
         graph_epochs
             Stage-2 epochs (two-stage only); ``None``: about ``GRAPH_STEPS`` = 20 steps
             (one per batch of ``graph_batch_size`` sections), 2-20 epochs.
