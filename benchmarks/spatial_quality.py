@@ -188,6 +188,9 @@ def main(argv: list[str] | None = None) -> None:
                              "cases and seeds (e.g. one process per method, or an earlier "
                              "run of a method whose code did not change); their rows join "
                              "this run's tables")
+    parser.add_argument("--note", action="append", default=[],
+                        help="a sentence for the summary's notes (e.g. where merged rows "
+                             "come from); may be repeated")
     args = parser.parse_args(argv)
     C.setup(args)
     info = C.machine(args)
@@ -199,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         C.Column("case", "case"), C.Column("seed", "seed"), C.Column("method", "embedding"),
         C.Column("ari", "ARI", C.fmt_float(3)), C.Column("seconds", "train s", C.fmt_float(0)),
     ])
-    notes: list[str] = []
+    notes: list[str] = list(args.note)
     with tempfile.TemporaryDirectory(prefix="step-spatial-quality-") as tmpdir:
         tmp = Path(tmpdir)
         # every case with one seed before the next seed
