@@ -22,6 +22,9 @@ Usage::
 
     python benchmarks/spatial_quality.py --quick --threads 1    # one case, one seed
     python benchmarks/spatial_quality.py --threads 1            # every case, 3 seeds
+    # one process per method, then one table with every row:
+    python benchmarks/spatial_quality.py --threads 1 --methods two-stage --name ts --out /tmp/r
+    python benchmarks/spatial_quality.py --threads 1 --methods pca --merge /tmp/r/ts.json
 """
 
 from __future__ import annotations
@@ -165,8 +168,9 @@ def summarise(args, runs: C.Table, cases: list[str], seeds: list[int], notes: li
     intro = C.doc_intro(__doc__) + f"\n\nThreads: {args.threads} for both tools; seeds " \
         f"{seeds}."
     if args.merge:
-        intro += (f"\n\nRows merged from {len(args.merge)} other process(es) run at the "
-                  "same time on the same machine: "
+        intro += (f"\n\nRows merged from {len(args.merge)} other run(s) of this script over "
+                  "the same cases and seeds on the same machine (where two runs measured "
+                  "the same method, case and seed, the first listed counts): "
                   + "; ".join(C.machine_line(m) for m in merged_machines))
     C.write_report(args.name, "Spatial domain quality", intro, [summary, table], info,
                    args.out, extra_json={"merged_from": [str(p) for p in args.merge]})
@@ -180,9 +184,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default="spatial_quality",
                         help="base name of the result files (default: spatial_quality)")
     parser.add_argument("--merge", nargs="+", type=Path, default=[],
-                        help="JSON results of runs of this script over the same cases and "
-                             "seeds, measured at the same time (e.g. one process per "
-                             "method); their rows join this run's tables")
+                        help="JSON results of other runs of this script over the same "
+                             "cases and seeds (e.g. one process per method, or an earlier "
+                             "run of a method whose code did not change); their rows join "
+                             "this run's tables")
+    parser.add_argument("--note", action="append", default=[],
+                        help="a sentence for the summary's notes (e.g. where merged rows "
+                             "come from); may be repeated")
     args = parser.parse_args(argv)
     C.setup(args)
     info = C.machine(args)
@@ -194,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         C.Column("case", "case"), C.Column("seed", "seed"), C.Column("method", "embedding"),
         C.Column("ari", "ARI", C.fmt_float(3)), C.Column("seconds", "train s", C.fmt_float(0)),
     ])
-    notes: list[str] = []
+    notes: list[str] = list(args.note)
     with tempfile.TemporaryDirectory(prefix="step-spatial-quality-") as tmpdir:
         tmp = Path(tmpdir)
         # every case with one seed before the next seed

@@ -135,10 +135,12 @@ class stModel(Workflow):  # noqa: N801 - the name users know from STEP
         domain ARI of 0.43 with a KL weight of 0.1 and longer training, against 0.11 with
         1.0 and the former 100 + 50 epochs (PCA of log-normalised counts: 0.36). With
         the full weight the posterior stays close to the prior and the domains, which
-        differ only in cell-type proportions, are lost. On the generated cases of
-        ``benchmarks/spatial_quality.py`` (first seed) the two-stage ``X_smoothed`` at
-        these defaults averaged 0.40 against PCA's 0.21, its own ``X_rep``'s 0.21 and
-        step-kit's 0.27.
+        differ only in cell-type proportions, are lost. On the four generated cases of
+        ``benchmarks/spatial_quality.py`` (two seeds) the two-stage ``X_smoothed`` at
+        these defaults averaged 0.41 against PCA's 0.20, its own ``X_rep``'s 0.19 and
+        step-kit's 0.29, and was ahead of all three on every case (step-kit came
+        closest on ``cortex_hex``, 0.32 against 0.35, and ``st_rounded``, 0.39 against
+        0.44). The end-to-end ``X_smoothed`` averaged 0.28.
     smoother_layers
         GCN layers of the smoother (2; other values were not measured).
     node_limit
@@ -301,6 +303,20 @@ class stModel(Workflow):  # noqa: N801 - the name users know from STEP
             (``default_epochs``): a section of a few hundred spots gets about 80
             stage-1 epochs, 100,000 spots get 10. With 100 epochs of 128 spots, sections of
             a few hundred spots had only ~500 steps and their domains were poor.
+
+            These stage-1 steps are where a two-stage run spends its time: profiled on
+            ``st_rounded`` of ``benchmarks/spatial_quality.py`` (528 spots, one thread),
+            about 80% went to the 1,500 stage-1 steps (forward and backward of the
+            transformer over 32 spots), 7% to the per-epoch validation and 11% to the 20
+            stage-2 steps over the whole section. Less work costs domain quality there
+            (``X_smoothed`` k-means ARI, first seed): 0.44 at the defaults, 0.17 with 300
+            steps, 0.15 with 400 steps of 128 spots, 0.28 with 800 steps of 64, 0.31 with
+            1,500 steps of 16, and 0.01 with ``lr=3e-3`` (which also drives the smoother
+            in stage 2). The end-to-end mode encodes the sampled neighbourhood of every
+            seed at each step (on a small section nearly the whole section), so its 200
+            steps cost about as much as two-stage training while the backbone gets about
+            a seventh of the updates; its embeddings are weaker on the benchmark, which
+            is why ``"two-stage"`` is the default mode.
         graph_epochs
             Stage-2 epochs (two-stage only); ``None``: about ``GRAPH_STEPS`` = 20 steps
             (one per batch of ``graph_batch_size`` sections), 2-20 epochs.
@@ -578,9 +594,11 @@ class stModel(Workflow):  # noqa: N801 - the name users know from STEP
             (``spatial_majority_vote``) gives a spot the
             label carried by more than half of its spatial neighbours, which fixes
             isolated mislabels inside a domain and keeps borders and thin layers. Off
-            by default: on the smoothed embeddings of ``benchmarks/spatial_quality.py``
-            it changed the domain ARI by -0.03 to +0.02 (labels of ``X_smoothed`` are
-            already spatially coherent); on unsmoothed embeddings it helps more.
+            by default: on the two-stage ``X_smoothed`` of
+            ``benchmarks/spatial_quality.py`` (two seeds) it changed the mean domain ARI
+            over the cases by +0.005 (-0.005 to +0.017 per case, within the seed-to-seed
+            spread; labels of ``X_smoothed`` are already spatially coherent); on
+            unsmoothed embeddings it helps more.
 
         Returns
         -------
