@@ -13,6 +13,7 @@ from step.utils.dataset import (
 )
 from step.utils.ondisk import OnDiskDataset
 from step.utils.preprocess import prepare_counts
+from step.utils.streaming import embed_to_h5ad
 
 __all__ = [
     "BaseDataset",
@@ -22,6 +23,7 @@ __all__ = [
     "OnDiskDataset",
     "ScDataset",
     "StDataset",
+    "embed_to_h5ad",
     "index_loader",
     "prepare_counts",
 ]
