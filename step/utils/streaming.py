@@ -3,7 +3,7 @@ each block of rows goes into ``obsm`` of an ``.h5ad`` file as soon as it is comp
 
 Neither the count matrix (read in batches by :class:`~step.utils.ondisk.OnDiskDataset`)
 nor the whole embedding is held in memory; the peak is one batch of counts and one block
-of outputs. The counts can be copied into the result file store to store, never through
+of outputs. The counts can be copied into the result file from store to store, never through
 memory.
 """
 
