@@ -45,6 +45,9 @@ OUTPUT_FILES = ("result.h5ad", "run/model.pt", "run/config.json", "run/history.c
                 "figures/umap.png", "figures/spatial_domains.png")
 OUTPUT_DIRS = ("run", "run/checkpoints", "figures")
 CHECKPOINT = "run/checkpoints/checkpoint.pt"
+#: Most cells drawn in the UMAP figure of a --backed run (a random subset above it):
+#: the neighbour graph and UMAP of millions of cells take hours on a CPU.
+UMAP_MAX_CELLS = 100_000
 # defaults of the spatial-only options (None on the parser, to tell whether they were given)
 _SPATIAL_DEFAULTS = {"section_key": None, "spatial_key": "spatial", "n_clusters": None,
                      "mode": "two-stage", "graph_epochs": 50, "k": 6}
@@ -171,7 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="leave the counts of an .h5ad file on disk and read them in "
                       "mini-batches (for data larger than memory; CSR counts, not with "
                       "--spatial; always so for several inputs and .zarr stores); "
-                      "result.h5ad then holds obs, var and obsm without the counts")
+                      "result.h5ad then holds obs, var and obsm without the counts, its "
+                      "embedding written block by block; figures/umap.png shows at most "
+                      f"{UMAP_MAX_CELLS:,} cells drawn at random")
+    data.add_argument("--copy-counts", action="store_true",
+                      help="with --backed, copy the counts into result.h5ad, from file to "
+                      "file without reading them into memory")
     spatial = fit.add_argument_group("spatial (only with --spatial)")
     spatial.add_argument("--spatial", action="store_true",
                          help="spatial workflow: smooth over neighbour graphs, find domains")
@@ -470,6 +478,14 @@ def _fit(args: argparse.Namespace) -> int:
     if args.backed and args.spatial:
         msg = "reading from disk (--backed, several inputs, .zarr) is for single-cell data, not --spatial"
         raise UsageError(msg)
+    if args.copy_counts and not args.backed:
+        msg = "--copy-counts applies with --backed (without it result.h5ad holds the counts)"
+        raise UsageError(msg)
+    if args.copy_counts and (len(paths) > 1 or args.n_top_genes or args.genes):
+        # checked now rather than after training: the copy keeps one file's cells and genes
+        msg = ("--copy-counts needs one input file trained on all of its genes (not several "
+               "inputs, --n-top-genes or --genes)")
+        raise UsageError(msg)
     _check_device(args.device)
     genes = _read_gene_list(args.genes)
     resume = _check_resume_file(args.resume)
@@ -515,16 +531,15 @@ def _fit(args: argparse.Namespace) -> int:
         _finish(model, adata, out, use_rep="X_smoothed", color=color, spatial=spatial,
                 seed=args.seed)
         return 0
-    _train(model.run, checkpoints, steps_per_epoch=args.steps_per_epoch,
-           block_size=args.block_size, buffer_blocks=args.buffer_blocks, **train)
+    train.update(steps_per_epoch=args.steps_per_epoch, block_size=args.block_size,
+                 buffer_blocks=args.buffer_blocks)
+    if args.backed:
+        _fit_backed(model, adata, out, args, checkpoints, train, color)
+        return 0
+    _train(model.run, checkpoints, **train)
     if args.refine_epochs > 0:
         _train(model.refine, checkpoints, epochs=args.refine_epochs, verbose=not args.quiet,
                resumable=False)
-    if args.backed:  # the results without the counts, which stay in INPUT
-        import anndata as ad
-
-        adata = ad.AnnData(obs=adata.obs.copy(), var=adata.var.copy(), obsm=dict(adata.obsm),
-                           uns=dict(adata.uns))
     _finish(model, adata, out, use_rep="X_rep", color=color, spatial=None, seed=args.seed)
     return 0
 
@@ -535,6 +550,61 @@ class _ReadFailedError(Exception):
     def __init__(self, checkpoint: Path, error: OSError) -> None:
         super().__init__(str(error))
         self.checkpoint = checkpoint
+
+
+def _fit_backed(model: Any, adata: Any, out: Path, args: argparse.Namespace,
+                checkpoints: Path, train: dict[str, Any], color: list[str]) -> None:
+    """Train from disk and stream the embeddings into result.h5ad, never holding the
+    counts or the whole embedding in memory (refinement computes its anchors from the
+    embedding in memory)."""
+    from step.functionality.comps.trainer import NonFiniteError
+    from step.utils import embed_to_h5ad
+
+    result = out / "result.h5ad"
+    tmp = result.with_name(f".{result.name}.tmp")
+    try:
+        _train(model.run, checkpoints, key_added=None, **train)
+        embed_to_h5ad(model.model, model.dataset, tmp, obs=adata.obs, var=adata.var,
+                      uns=adata.uns, copy_counts=args.copy_counts)
+        if args.refine_epochs > 0:
+            _train(model.refine, checkpoints, epochs=args.refine_epochs,
+                   verbose=not args.quiet, resumable=False)
+            embed_to_h5ad(model.model, model.dataset, tmp, outputs={"X_anchord": "anchored"},
+                          append=True)
+        os.replace(tmp, result)
+    except FloatingPointError as err:
+        raise NonFiniteError(str(err)) from err
+    finally:
+        tmp.unlink(missing_ok=True)
+    run_dir = model.save(out / "run")
+    figures = _backed_figures(result, model.history, out, color=color, seed=args.seed)
+    _say(f"results: {result}")
+    _say(f"model:   {run_dir}")
+    _say("figures: " + ", ".join(str(p) for p in figures))
+
+
+def _backed_figures(result: Path, history: Any, out: Path, *, color: list[str],
+                    seed: int) -> list[Path]:
+    """The figures of a --backed run from its result file: obs and the embedding of at
+    most :data:`UMAP_MAX_CELLS` cells, drawn at random, are read into memory."""
+    import anndata as ad
+    import h5py
+    import numpy as np
+    from anndata.io import read_elem
+
+    with h5py.File(result, "r") as file:
+        obs = read_elem(file["obs"])
+        rep = file["obsm/X_rep"]
+        if len(obs) > UMAP_MAX_CELLS:
+            rows = np.sort(np.random.default_rng(seed).choice(len(obs), UMAP_MAX_CELLS,
+                                                              replace=False))
+            _say(f"figures: UMAP of {UMAP_MAX_CELLS:,} of the {len(obs):,} cells, drawn at "
+                 "random")
+            sample = ad.AnnData(obs=obs.iloc[rows].copy(), obsm={"X_rep": rep[rows]})
+        else:
+            sample = ad.AnnData(obs=obs, obsm={"X_rep": rep[:]})
+    return _figures(sample, history, out, use_rep="X_rep", color=color, spatial=None,
+                    seed=seed)
 
 
 class _InterruptedError(Exception):

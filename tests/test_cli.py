@@ -153,6 +153,29 @@ def test_fit_an_h5ad_and_a_zarr_equals_fitting_their_concatenation(small_h5ad,
 
 
 @pytest.mark.usefixtures("small_arch")
+def test_fit_backed_streams_the_result_and_copies_the_counts(small_h5ad, tmp_path: Path,
+                                                             monkeypatch, capsys) -> None:
+    import scipy.sparse as sp
+
+    from step.workflows import scModel
+
+    path, adata = small_h5ad
+    monkeypatch.setattr(cli, "UMAP_MAX_CELLS", 100)
+    out = tmp_path / "out"
+    code = cli.main(["fit", str(path), "--out", str(out), "--backed", "--copy-counts",
+                     "--epochs", "2", "--quiet"])
+    assert code == 0
+    result = _check_outputs(out, adata, obsm={"X_rep"})
+    assert sp.issparse(result.X) and (result.X != sp.csr_matrix(adata.X)).nnz == 0
+    assert "UMAP of 100 of the 240 cells" in capsys.readouterr().err
+    # the streamed embedding is the saved model's in-memory embedding of the same cells
+    loaded = scModel.load(out / "run", adata.copy())
+    np.testing.assert_allclose(result.obsm["X_rep"], loaded.embed(), rtol=1e-5, atol=1e-6)
+    assert not list(out.glob(".*.tmp"))
+    assert cli.main(["fit", str(path), "--out", str(tmp_path / "o2"), "--copy-counts"]) == 2
+
+
+@pytest.mark.usefixtures("small_arch")
 def test_fit_spatial(spatial_counts: ad.AnnData, tmp_path: Path) -> None:
     adata = spatial_counts[spatial_counts.obs["section"].isin(["section_0", "section_1"])
                            ].copy()

@@ -15,6 +15,7 @@ from step.utils.ondisk import OnDiskDataset
 from step.utils.preprocess import prepare_counts
 from step.utils.row_runs import contiguous_runs, read_rows
 from step.utils.store_order import write_in_order
+from step.utils.streaming import embed_to_h5ad
 
 __all__ = [
     "BaseDataset",
@@ -25,6 +26,7 @@ __all__ = [
     "ScDataset",
     "StDataset",
     "contiguous_runs",
+    "embed_to_h5ad",
     "index_loader",
     "prepare_counts",
     "read_rows",

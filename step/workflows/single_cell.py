@@ -118,7 +118,7 @@ class scModel(Workflow):  # noqa: N801 - the name users know from STEP
         batch_size: int = 128,
         lr: float = 1e-3,
         split_rate: float = 0.2,
-        key_added: str = ADATA_KEYS.X_REP,
+        key_added: str | None = ADATA_KEYS.X_REP,
         probe: Mapping[str, Any] | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
         resume: str | os.PathLike | None = None,
@@ -146,7 +146,8 @@ class scModel(Workflow):  # noqa: N801 - the name users know from STEP
         split_rate
             Fraction of cells held out for validation, in ``[0, 1)``.
         key_added
-            obsm key of the embedding.
+            obsm key of the embedding; ``None`` computes none (for data larger than
+            memory, stream it to a file with :func:`step.utils.embed_to_h5ad`).
         probe
             Options of a :class:`~step.functionality.comps.trainer.ConvergenceProbe`
             (e.g. ``{"every": 5, "n_clusters": 10}``) that stops training once the
@@ -183,7 +184,8 @@ class scModel(Workflow):  # noqa: N801 - the name users know from STEP
         """
         epochs = _check_positive_int("epochs", epochs)
         lr = _check_rate("lr", lr)
-        _check_key_added(key_added)
+        if key_added is not None:
+            _check_key_added(key_added)
         for name, value in (("steps_per_epoch", steps_per_epoch), ("block_size", block_size)):
             if value is not None:
                 _check_positive_int(name, value)
@@ -200,7 +202,8 @@ class scModel(Workflow):  # noqa: N801 - the name users know from STEP
             trainer.load_checkpoint(resume)
         trainer.train_batch(epochs, loaders, steps_per_epoch=steps_per_epoch)
         self._final_checkpoint()
-        self._write_obsm({key_added: self._infer(self.dataset)})
+        if key_added is not None:
+            self._write_obsm({key_added: self._infer(self.dataset)})
         return self.history
 
     def check_resume(self, resume: str | os.PathLike) -> None:

@@ -193,3 +193,27 @@ def test_dataset_pickles_without_open_files(pbmc_files):
         assert _same(copy[[9, 4, 600]], mem[[9, 4, 600]])
         disk.close()
         assert _same(disk[[3]], mem[[3]])  # reopened on the next read
+
+
+def test_each_data_parallel_process_reads_only_its_own_batches(pbmc_files):
+    from step.functionality.comps.trainer.sources import MiniBatchSource, Shard
+
+    class RecordingDataset(OnDiskDataset):
+        def __getitem__(self, idx):
+            self.gathered.append(np.asarray(idx).copy())
+            return super().__getitem__(idx)
+
+    dataset = RecordingDataset(pbmc_files[1])
+    order = list(index_loader(dataset, 64, seed=3, block_size=16, buffer_blocks=4).sampler)
+    assert len(order) == 11
+    for rank in (0, 1):
+        dataset.gathered = []
+        loader = index_loader(dataset, 64, seed=3, block_size=16, buffer_blocks=4)
+        source = MiniBatchSource(loader, call_func=lambda *_: {})
+        source.shard = Shard(rank, 2)
+        batches = list(source.batches())
+        # the last turn of rank 1 is empty: 11 batches dealt to 2 processes
+        assert [b.n_obs for b in batches][-1] == (0 if rank else len(order[-1]))
+        assert len(dataset.gathered) == len(order[rank::2])
+        for read, expected in zip(dataset.gathered, order[rank::2], strict=True):
+            np.testing.assert_array_equal(read, expected)
