@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="python of the separate scVI environment (default: "
                              "$SCVI_PYTHON or ~/.cache/step-peers/scvi)")
     parser.add_argument("--no-scvi", action="store_true", help="skip the scVI rows")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="*", choices=METHODS, default=list(METHODS),
+                        help="what to run here (none: only merge --merge files)")
     parser.add_argument("--name", default="quality",
                         help="base name of the result files (default: quality)")
     parser.add_argument("--merge", nargs="+", type=Path, default=[],
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     per_run = per_run_table()
     notes: list[str] = []
     extra: dict[str, Any] = {}
-    pca = pca_rep(adata)
+    pca = pca_rep(adata) if "pca" in args.methods else None
     with tempfile.TemporaryDirectory(prefix="step-quality-") as tmpdir:
         tmp = Path(tmpdir)
         h5ad = C.write_counts_h5ad(adata, tmp / "pbmc.h5ad")
@@ -226,25 +227,40 @@ def main(argv: list[str] | None = None) -> None:
                             **P.score(pca, truth, seed))
             peer_rows(args, seed, h5ad, tmp, adata, truth, per_run, notes)
 
+            report(args, info, per_run, extra, notes, truth, seeds, done=seed)
+    report(args, info, per_run, extra, notes, truth, seeds, done=None)
+
+
+def report(args, info: dict[str, Any], runs: C.Table, extra: dict[str, Any], notes: list[str],
+           truth: np.ndarray, seeds: list[int], *, done: int | None) -> None:
+    """Write the tables (called after every seed, so an interrupted run keeps what it
+    measured; ``done`` is the last finished seed, ``None`` at the end)."""
+    per_run = C.Table(runs.name, runs.title, runs.columns, list(runs.rows))
+    notes = list(notes)
+    if done is not None:
+        notes.append(f"partial: written after seed {done}; the run was still going.")
     merged_machines = []
     for path in args.merge:
         payload = json.loads(Path(path).read_text())
         merged_machines.append(payload["machine"])
-        extra.setdefault("step_model_config", payload.get("step_model_config"))
+        extra = {"step_model_config": payload.get("step_model_config"), **extra}
         notes += [n for n in payload.get("notes", []) if n not in notes]
         per_run.rows += [r for r in payload["tables"]["quality_runs"] if r["seed"] in seeds]
     order = ["step scModel (X_rep", "step scModel, bf16", "PCA", "step-kit", "scVI"]
     per_run.rows.sort(key=lambda r: (r["seed"], next(i for i, p in enumerate(order)
                                                      if r["method"].startswith(p))))
-    summary = summary_table(per_run, len(np.unique(truth)), len(seeds))
+    summary = summary_table(per_run, len(np.unique(truth)),
+                            len({r['seed'] for r in per_run.rows}))
     config = extra.get("step_model_config") or {}
     inexact = sorted({r["method"] for r in per_run.rows if not r["exact_k"]})
-    summary.notes = [
+    ours_note = [] if not config else [
         "ours: scModel defaults: " + ", ".join(
             f"{k}={config[k]}" for k in ("hidden_dim", "n_modules", "module_dim", "latent_dim",
                                          "n_layers", "n_heads", "likelihood", "kl_weight",
                                          "free_bits") if k in config)
-        + (f"; epochs={args.epochs}." if args.epochs else "; default epochs."),
+        + (f"; epochs={args.epochs}." if args.epochs else "; default epochs.")]
+    summary.notes = [
+        *ours_note,
         f"step-kit: hidden 64, 32 modules of size 30, ZINB, 3 layers / 8 heads, KL weight "
         f"0.01, batch 128, 20 % validation split, {STEPKIT_EPOCHS} epochs.",
         f"scVI: default SCVI (10 latent dimensions), {SCVI_EPOCHS} epochs.",
