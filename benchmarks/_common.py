@@ -32,6 +32,8 @@ ROOT = HERE.parent
 DEFAULT_OUT = HERE / "results"
 DRIVER = HERE / "peers" / "stepkit_driver.py"
 DEFAULT_STEPKIT_PYTHON = Path.home() / ".cache" / "step-peers" / "stepkit" / "bin" / "python"
+SCVI_DRIVER = HERE / "peers" / "scvi_driver.py"
+DEFAULT_SCVI_PYTHON = Path.home() / ".cache" / "step-peers" / "scvi" / "bin" / "python"
 
 #: The architecture of the public STEP release's single-cell model (step-kit 0.3): hidden 64,
 #: 32 gene modules of size 30, ZINB likelihood, 3 transformer layers with 8 heads.
@@ -395,6 +397,34 @@ def run_stepkit(args: argparse.Namespace, h5ad: Path, task: str, out_json: Path,
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout)[-3000:]
         msg = f"step-kit driver failed ({' '.join(cmd[2:5])}):\n{tail}"
+        raise RuntimeError(msg)
+    return json.loads(out_json.read_text())
+
+
+class ScviUnavailable(RuntimeError):
+    pass
+
+
+def run_scvi(python: Path, h5ad: Path, out_json: Path, *, epochs: int, seed: int,
+             threads: int, timeout: float = 3600) -> dict[str, Any]:
+    """Train scVI through ``peers/scvi_driver.py`` in its own environment; its JSON.
+
+    Raises :class:`ScviUnavailable` when that environment does not exist.
+    """
+    if not Path(python).is_file():
+        raise ScviUnavailable(
+            f"no scVI environment at {python}; create it as described in "
+            "benchmarks/README.md or pass --scvi-python")
+    cmd = [str(python), str(SCVI_DRIVER), str(h5ad), "--epochs", str(epochs), "--seed",
+           str(seed), "--threads", str(threads), "--out", str(out_json)]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["OMP_NUM_THREADS"] = str(threads)
+    env["PYTHONWARNINGS"] = "ignore"
+    with tempfile.TemporaryDirectory(prefix="scvi-run-") as cwd:
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    if proc.returncode != 0:
+        msg = f"scVI driver failed:\n{(proc.stderr or proc.stdout)[-3000:]}"
         raise RuntimeError(msg)
     return json.loads(out_json.read_text())
 

@@ -1,0 +1,131 @@
+"""One-factor-at-a-time experiments on the ``scModel`` defaults (PBMC, fixed Leiden protocol).
+
+Each named configuration changes one setting of ``scModel(adata, seed=s, **model).run(
+epochs=..., **run)`` and is scored with the protocol of ``benchmarks/_leiden_protocol.py``
+(ARI at Leiden resolution 0.5, at 1.0 and at the resolution giving 10 clusters). Every run
+is appended to a JSON-lines file as it finishes, so several processes can share the work;
+``--table`` turns that file into the mean-of-seeds table of
+``benchmarks/results/quality_tuning.md``.
+
+Usage::
+
+    python benchmarks/quality_tuning.py baseline kl_0.01 --seeds 0 1 2
+    python benchmarks/quality_tuning.py --table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RUNS_FILE = Path(__file__).parent / "results" / "quality_tuning_runs.jsonl"
+
+#: name -> (model keyword arguments, run keyword arguments, what it tests)
+CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
+    "baseline": ({}, {}, "defaults before tuning"),
+    "kl_0.01": ({"kl_weight": 0.01}, {}, "KL weight 0.01"),
+    "kl_0.03": ({"kl_weight": 0.03}, {}, "KL weight 0.03"),
+    "kl_0.3": ({"kl_weight": 0.3}, {}, "KL weight 0.3"),
+    "free_bits_0.1": ({"free_bits": 0.1}, {}, "free bits 0.1 nats per dimension"),
+    "latent_16": ({"latent_dim": 16}, {}, "latent size 16"),
+    "latent_32": ({"latent_dim": 32}, {}, "latent size 32"),
+    "modules_64x16": ({"n_modules": 64, "module_dim": 16}, {}, "64 modules of size 16"),
+    "log1p_raw": ({"library_log_input": False}, {}, "encoder reads log1p(x), no library norm"),
+    "epochs_30": ({}, {"epochs": 30}, "30 epochs"),
+    "epochs_50": ({}, {"epochs": 50}, "50 epochs"),
+    "epochs_400": ({}, {"epochs": 400}, "400 epochs (data-size rule for 700 cells)"),
+    "batch_64": ({}, {"batch_size": 64}, "batch 64 (twice the steps per epoch)"),
+    "lr_3e-3": ({}, {"lr": 3e-3}, "learning rate 3e-3"),
+    "lr_3e-4": ({}, {"lr": 3e-4}, "learning rate 3e-4"),
+    "dropout_0": ({"dropout": 0.0}, {}, "no dropout"),
+}
+
+
+def embed(config: str, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """Train one configuration and return ``X_rep`` with a few training facts."""
+    from step.datasets import pbmc68k_counts
+    from step.workflows import scModel
+
+    model_kw, run_kw, _ = CONFIGS[config]
+    adata = pbmc68k_counts()
+    model = scModel(adata, seed=seed, **model_kw)
+    run_kw = {"epochs": 100, **run_kw}
+    history = model.run(verbose=False, **run_kw)
+    rep = np.asarray(adata.obsm["X_rep"])
+    var = np.sort(rep.var(0))[::-1]
+    return rep, {"epochs_run": len(history),
+                 "active_dims": int((var > 0.01 * var[0]).sum()),
+                 "top3_var_share": float(var[:3].sum() / var.sum())}
+
+
+def run(configs: list[str], seeds: list[int], out: Path, reps: Path | None) -> None:
+    import _leiden_protocol as P
+
+    from step.datasets import pbmc68k_counts
+
+    truth = pbmc68k_counts().obs["bulk_labels"].astype(str).to_numpy()
+    for config in configs:
+        for seed in seeds:
+            t = time.perf_counter()
+            rep, facts = embed(config, seed)
+            secs = time.perf_counter() - t
+            if reps is not None:
+                reps.mkdir(parents=True, exist_ok=True)
+                np.save(reps / f"{config}_{seed}.npy", rep)
+            row = {"config": config, "seed": seed, "train_s": secs, **facts,
+                   **P.score(rep, truth, seed, grid=False)}
+            print(json.dumps(row), flush=True)
+            with out.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+
+def table(runs: Path) -> str:
+    """Markdown table of the runs file: one row per configuration, means over its seeds."""
+    rows = [json.loads(line) for line in runs.read_text().splitlines() if line.strip()]
+    lines = ["| configuration | what it tests | seeds | ARI, res 0.5 | ARI, res 1.0 | "
+             "ARI, 10 clusters | clusters at 0.5 / 1.0 | epochs run |",
+             "|---|---|---|---|---|---|---|---|"]
+    for config in dict.fromkeys(r["config"] for r in rows):
+        mine = [r for r in rows if r["config"] == config]
+        seeds = sorted({r["seed"] for r in mine})
+
+        def mean(key: str, rows: list[dict[str, Any]] = mine) -> float:
+            return float(np.mean([r[key] for r in rows]))
+
+        what = CONFIGS[config][2] if config in CONFIGS else config
+        lines.append(
+            f"| {config} | {what} | {', '.join(map(str, seeds))} | {mean('ari_r05'):.3f} | "
+            f"{mean('ari_r10'):.3f} | {mean('ari_k'):.3f} | {mean('n_clusters_r05'):.1f} / "
+            f"{mean('n_clusters_r10'):.1f} | {mean('epochs_run'):.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("configs", nargs="*", help=f"any of {', '.join(CONFIGS)}")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=RUNS_FILE)
+    parser.add_argument("--table", action="store_true",
+                        help="print the mean-of-seeds table of --out and stop")
+    parser.add_argument("--reps", type=Path, help="folder for the embeddings (.npy)")
+    args = parser.parse_args(argv)
+    unknown = [c for c in args.configs if c not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown configurations {unknown}; known: {', '.join(CONFIGS)}")
+    if args.table:
+        print(table(args.out))
+        return
+    import torch
+
+    torch.set_num_threads(1)
+    run(args.configs, args.seeds, args.out, args.reps)
+
+
+if __name__ == "__main__":
+    main()
