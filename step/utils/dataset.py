@@ -71,7 +71,22 @@ def _to_csr32(matrix: Any) -> sp.csr_matrix:
         out = sp.csr_matrix(matrix, dtype=np.float32)
     else:
         out = sp.csr_matrix(np.asarray(matrix), dtype=np.float32)
-    return out
+    return _one_index_dtype(out)
+
+
+def _one_index_dtype(matrix: sp.csr_matrix) -> sp.csr_matrix:
+    """``matrix`` with ``indptr`` and ``indices`` of one integer type (int32 when it fits).
+
+    Files written by anndata often pair int64 row pointers with int32 column indices;
+    scipy then converts both whole arrays to a common type on every row selection, which
+    makes each mini-batch cost time proportional to all the stored values.
+    """
+    limit = np.iinfo(np.int32).max
+    dtype = np.int32 if matrix.nnz < limit and max(matrix.shape) < limit else np.int64
+    if matrix.indptr.dtype == dtype and matrix.indices.dtype == dtype:
+        return matrix
+    return sp.csr_matrix((matrix.data, matrix.indices.astype(dtype, copy=False),
+                          matrix.indptr.astype(dtype, copy=False)), shape=matrix.shape, copy=False)
 
 
 def _encode(column: pd.Series, key: str, role: str) -> tuple[np.ndarray, list[str]]:

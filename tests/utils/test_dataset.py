@@ -285,3 +285,19 @@ def test_dataset_pickles(full):
     again = pickle.loads(pickle.dumps(full.subset([3, 4])))
     assert again.mode == "class"
     np.testing.assert_array_equal(again[[0, 1]]["x"].numpy(), full[[3, 4]]["x"].numpy())
+
+
+def test_mixed_index_types_are_stored_as_one(small_counts):
+    # anndata often writes int64 row pointers next to int32 column indices; scipy then
+    # recasts both whole arrays on every row selection, so the dataset stores one type
+    mixed = sp.csr_matrix(small_counts.X)
+    mixed.indptr = mixed.indptr.astype(np.int64)
+    mixed.indices = mixed.indices.astype(np.int32)
+    adata = small_counts.copy()
+    adata.X = mixed
+    assert adata.X.indptr.dtype != adata.X.indices.dtype
+    dataset = ScDataset(adata)
+    stored = dataset.X
+    assert stored.indptr.dtype == stored.indices.dtype == np.int32
+    idx = np.array([7, 2, 99, 2])
+    np.testing.assert_array_equal(dataset[idx]["x"].numpy(), small_counts.X.toarray()[idx])
