@@ -12,7 +12,6 @@ adjusted Rand index against ``bulk_labels``.
 from __future__ import annotations
 
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,20 +22,15 @@ RESOLUTION = 0.5
 
 
 def leiden_ari(rep: np.ndarray, truth: np.ndarray, seed: int) -> tuple[float, int]:
-    """ARI of Leiden clusters at :data:`RESOLUTION` and the number of clusters."""
-    import anndata as ad
-    import scanpy as sc
-    from quality import N_NEIGHBORS
+    """ARI of Leiden clusters at :data:`RESOLUTION` (the quality benchmark's protocol) and
+    the number of clusters."""
+    from _leiden_protocol import N_NEIGHBORS, leiden
     from sklearn.metrics import adjusted_rand_score
 
-    tmp = ad.AnnData(np.zeros((rep.shape[0], 0), dtype=np.float32))
-    tmp.obsm["rep"] = np.asarray(rep, dtype=np.float32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sc.pp.neighbors(tmp, use_rep="rep", n_neighbors=N_NEIGHBORS, random_state=seed)
-        sc.tl.leiden(tmp, resolution=RESOLUTION, random_state=seed, flavor="igraph",
-                     n_iterations=2, directed=False, key_added="c")
-    labels = tmp.obs["c"].to_numpy()
+    from step.workflows._cluster import neighbor_graph
+
+    graph = neighbor_graph(np.asarray(rep, dtype=np.float32), n_neighbors=N_NEIGHBORS, seed=seed)
+    labels = leiden(graph, RESOLUTION, seed)
     return float(adjusted_rand_score(truth, labels)), len(np.unique(labels))
 
 
