@@ -436,6 +436,37 @@ def child_env(threads: int) -> dict[str, str]:
     return env
 
 
+#: Bytes in a GiB, for the memory tables.
+GiB = 2**30
+
+
+def peak_rss() -> int:
+    """Peak resident memory of this process in bytes (``getrusage`` reports KiB on Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def gib(value: Any) -> str:
+    """Bytes as GiB with two decimals."""
+    return f"{float(value) / GiB:.2f}"
+
+
+def run_json_child(cmd: list[str], threads: int, what: str,
+                   env: dict[str, str] | None = None) -> Any:
+    """Run ``cmd`` in a fresh process and return the last JSON line it prints; ``what``
+    names the run in the error raised when the process fails."""
+    import json
+    import subprocess
+
+    proc = subprocess.run(cmd, capture_output=True, text=True,
+                          env={**child_env(threads), **(env or {})})
+    if proc.returncode != 0:
+        msg = f"{what} failed:\n{proc.stderr[-3000:]}"
+        raise RuntimeError(msg)
+    return json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith(("{", "["))][-1])
+
+
 def python_exe() -> str:
     return sys.executable
 

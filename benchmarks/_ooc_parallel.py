@@ -26,11 +26,6 @@ BATCH_SIZE = 128
 BLOCK = {"block_size": 64, "buffer_blocks": 16}
 
 
-def _peak() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
 
 def worker(path: Path, steps: int, out: Path) -> None:
     """One process: train ``steps`` steps from ``path``; write its timings and rows."""
@@ -64,7 +59,7 @@ def worker(path: Path, steps: int, out: Path) -> None:
     (out / f"rank{rank}.json").write_text(json.dumps({
         "rank": rank, "world": int(os.environ.get("WORLD_SIZE", "1")), "steps": steps,
         "rows_read": int(rows.size), "seconds": seconds, "cells_per_s": rows.size / seconds,
-        "peak_rss": _peak()}))
+        "peak_rss": C.peak_rss()}))
 
 
 def launch(processes: int, path: Path, steps: int) -> dict[str, Any]:

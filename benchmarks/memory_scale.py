@@ -26,7 +26,6 @@ Usage::
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ import _common as C
 N_GENES = 2000
 DENSITY = 0.05
 BATCH_SIZE = 128
-GiB = 2**30
+GiB = C.GiB
 
 
 def _rss() -> int:
@@ -45,11 +44,6 @@ def _rss() -> int:
 
     return psutil.Process().memory_info().rss
 
-
-def _peak() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def child(n_cells: int, steps: int, device: str, threads: int, seed: int) -> dict[str, Any]:
@@ -73,7 +67,7 @@ def child(n_cells: int, steps: int, device: str, threads: int, seed: int) -> dic
     out["csr_bytes"] = int(X.data.nbytes + X.indices.nbytes + X.indptr.nbytes)
     out["dense_bytes"] = n_cells * N_GENES * 4
     out["rss_data"] = _rss()
-    out["peak_after_data"] = _peak()
+    out["peak_after_data"] = C.peak_rss()
 
     dataset = ScDataset(adata)
     out["dataset_shares_counts"] = bool(np.shares_memory(dataset.X.data, X.data))
@@ -91,14 +85,14 @@ def child(n_cells: int, steps: int, device: str, threads: int, seed: int) -> dic
     elapsed = time.perf_counter() - t
     out["train_cells_per_s"] = len(subset) / elapsed
     out["rss_train"] = _rss()
-    out["peak_train"] = _peak()
+    out["peak_train"] = C.peak_rss()
 
     t = time.perf_counter()
     emb = trainer.predict(dataset, batch_size=1024)
     out["embed_cells_per_s"] = n_cells / (time.perf_counter() - t)
     out["embedding_shape"] = list(emb.shape)
     out["rss_embed"] = _rss()
-    out["peak_rss"] = _peak()
+    out["peak_rss"] = C.peak_rss()
     return out
 
 
@@ -106,16 +100,8 @@ def run_child(args, n_cells: int, steps: int) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(n_cells),
            "--steps", str(steps), "--device", args.device,
            "--threads", str(args.threads), "--seed", str(args.seed)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=C.child_env(args.threads))
-    if proc.returncode != 0:
-        msg = f"the {n_cells:,}-cell run failed:\n{proc.stderr[-3000:]}"
-        raise RuntimeError(msg)
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1]
-    return json.loads(line)
+    return C.run_json_child(cmd, args.threads, f"the {n_cells:,}-cell run")
 
-
-def gib(value: Any) -> str:
-    return f"{float(value) / GiB:.2f}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -135,12 +121,12 @@ def main(argv: list[str] | None = None) -> None:
     table = C.Table("memory_scale", "Peak memory and embedding throughput versus size", [
         C.Column("n_cells", "cells", C.fmt_int),
         C.Column("nnz", "non-zeros", C.fmt_int),
-        C.Column("csr_bytes", "CSR GiB", gib),
-        C.Column("dense_bytes", "dense fp32 GiB", gib),
-        C.Column("rss_import", "RSS after import GiB", gib),
-        C.Column("rss_dataset", "RSS with data GiB", gib),
-        C.Column("peak_train", "peak RSS to end of training GiB", gib),
-        C.Column("peak_rss", "peak RSS incl. embedding GiB", gib),
+        C.Column("csr_bytes", "CSR GiB", C.gib),
+        C.Column("dense_bytes", "dense fp32 GiB", C.gib),
+        C.Column("rss_import", "RSS after import GiB", C.gib),
+        C.Column("rss_dataset", "RSS with data GiB", C.gib),
+        C.Column("peak_train", "peak RSS to end of training GiB", C.gib),
+        C.Column("peak_rss", "peak RSS incl. embedding GiB", C.gib),
         C.Column("steps", "train steps", C.fmt_int),
         C.Column("train_cells_per_s", "train cells/s", C.fmt_float(0)),
         C.Column("embed_cells_per_s", "embed cells/s", C.fmt_float(0)),

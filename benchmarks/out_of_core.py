@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,7 +48,7 @@ DENSITY = 0.05
 BATCH_SIZE = 128
 EMBED_BATCH = 1024
 BLOCK = {"block_size": 64, "buffer_blocks": 16}
-GiB = 2**30
+GiB = C.GiB
 
 #: name -> (file suffix, label, loader options)
 MODES: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -65,11 +64,6 @@ EMBED_MODES: dict[str, tuple[str, str]] = {
 }
 
 
-def _peak() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
 
 def write_child(n_cells: int, folder: Path, seed: int) -> dict[str, Any]:
     """Write the counts to ``folder`` (h5ad and zarr) chunk by chunk."""
@@ -78,7 +72,7 @@ def write_child(n_cells: int, folder: Path, seed: int) -> dict[str, Any]:
     paths = [folder / "counts.h5ad", folder / "counts.zarr"]
     t = time.perf_counter()
     out = write_synthetic_stores(paths, n_cells, N_GENES, density=DENSITY, seed=seed)
-    out.update(write_s=time.perf_counter() - t, write_peak_rss=_peak(),
+    out.update(write_s=time.perf_counter() - t, write_peak_rss=C.peak_rss(),
                h5ad_bytes=store_bytes(paths[0]), zarr_bytes=store_bytes(paths[1]))
     return out
 
@@ -99,11 +93,11 @@ def train_child(mode: str, folder: Path, steps: int, read_steps: int, device: st
     from step.utils import index_loader
 
     suffix, _, options = MODES[mode]
-    out: dict[str, Any] = {"mode": mode, "peak_import": _peak()}
+    out: dict[str, Any] = {"mode": mode, "peak_import": C.peak_rss()}
     t = time.perf_counter()
     dataset = _open(mode, folder / f"counts{suffix}")
     out["open_s"] = time.perf_counter() - t
-    out["peak_open"] = _peak()
+    out["peak_open"] = C.peak_rss()
 
     loader = index_loader(dataset, BATCH_SIZE, seed=seed, **options)
     t = time.perf_counter()
@@ -121,7 +115,7 @@ def train_child(mode: str, folder: Path, steps: int, read_steps: int, device: st
     t = time.perf_counter()
     trainer.train_batch(1, (loader, None), steps_per_epoch=steps)
     out["train_cells_per_s"] = steps * BATCH_SIZE / (time.perf_counter() - t)
-    out["peak_rss"] = _peak()
+    out["peak_rss"] = C.peak_rss()
     return out
 
 
@@ -140,7 +134,7 @@ def embed_child(mode: str, folder: Path, n_embed: int, device: str, seed: int
     t = time.perf_counter()
     dataset = _open(mode, folder / f"counts{suffix}")
     out["open_s"] = time.perf_counter() - t
-    out["peak_open"] = _peak()
+    out["peak_open"] = C.peak_rss()
     n_embed = min(n_embed, len(dataset))
     cells = dataset.subset(np.arange(n_embed)) if n_embed < len(dataset) else dataset
     model = TranscriptFormer(dataset.n_genes, **C.OUR_DEFAULTS).to(device)
@@ -149,21 +143,11 @@ def embed_child(mode: str, folder: Path, n_embed: int, device: str, seed: int
     embed_to_h5ad(model, cells, target, batch_size=EMBED_BATCH,
                   obs=dataset.obs.iloc[:n_embed])
     out.update(embed_cells=n_embed, embed_cells_per_s=n_embed / (time.perf_counter() - t),
-               peak_rss=_peak(), result_bytes=target.stat().st_size)
+               peak_rss=C.peak_rss(), result_bytes=target.stat().st_size)
     target.unlink()
     return out
 
 
-def _run(cmd: list[str], threads: int, what: str) -> dict[str, Any]:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=C.child_env(threads))
-    if proc.returncode != 0:
-        msg = f"{what} failed:\n{proc.stderr[-3000:]}"
-        raise RuntimeError(msg)
-    return json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
-
-
-def gib(value: Any) -> str:
-    return f"{float(value) / GiB:.2f}"
 
 
 def _tables() -> dict[str, C.Table]:
@@ -172,19 +156,19 @@ def _tables() -> dict[str, C.Table]:
             C.Column("n_cells", "cells", C.fmt_int),
             C.Column("nnz", "non-zeros", C.fmt_int),
             C.Column("write_s", "write s (both formats)", C.fmt_float(0)),
-            C.Column("write_peak_rss", "writer peak RSS GiB", gib),
-            C.Column("h5ad_bytes", "h5ad GiB", gib),
-            C.Column("zarr_bytes", "zarr GiB", gib),
+            C.Column("write_peak_rss", "writer peak RSS GiB", C.gib),
+            C.Column("h5ad_bytes", "h5ad GiB", C.gib),
+            C.Column("zarr_bytes", "zarr GiB", C.gib),
         ]),
         "train": C.Table("out_of_core", "Training from disk versus from memory", [
             C.Column("n_cells", "cells", C.fmt_int),
             C.Column("label", "data", "{}"),
             C.Column("open_s", "open s", C.fmt_float(1)),
-            C.Column("peak_open", "peak RSS after open GiB", gib),
+            C.Column("peak_open", "peak RSS after open GiB", C.gib),
             C.Column("read_cells_per_s", "read cells/s", C.fmt_float(0)),
             C.Column("train_cells_per_s", "train cells/s", C.fmt_float(0)),
             C.Column("vs_memory", "train vs memory", C.fmt_ratio),
-            C.Column("peak_rss", "peak RSS GiB", gib),
+            C.Column("peak_rss", "peak RSS GiB", C.gib),
         ]),
         "embed": C.Table("out_of_core_embed", "Streaming embedding into an .h5ad file", [
             C.Column("n_cells", "cells in the data", C.fmt_int),
@@ -193,7 +177,7 @@ def _tables() -> dict[str, C.Table]:
             C.Column("open_s", "open s", C.fmt_float(1)),
             C.Column("embed_cells_per_s", "embed cells/s", C.fmt_float(0)),
             C.Column("vs_memory", "vs memory", C.fmt_ratio),
-            C.Column("peak_rss", "peak RSS GiB", gib),
+            C.Column("peak_rss", "peak RSS GiB", C.gib),
         ]),
         "ddp": C.Table("out_of_core_ddp", "Data-parallel training from the on-disk store", [
             C.Column("n_cells", "cells", C.fmt_int),
@@ -202,7 +186,7 @@ def _tables() -> dict[str, C.Table]:
             C.Column("rows_read", "rows read", C.fmt_int),
             C.Column("cells_per_s", "cells/s (this process)", C.fmt_float(0)),
             C.Column("vs_one", "vs 1 process", C.fmt_ratio),
-            C.Column("peak_rss", "peak RSS GiB", gib),
+            C.Column("peak_rss", "peak RSS GiB", C.gib),
             C.Column("disjoint", "ranks read disjoint rows"),
         ]),
         "quality": C.Table("out_of_core_quality", "PBMC embedding: trained from disk vs in memory", [
@@ -219,7 +203,7 @@ def _measure_size(n: int, args: Any, base: list[str], tables: dict[str, C.Table]
     folder = Path(tempfile.mkdtemp(prefix="step-ooc-", dir=args.tmp))
     try:
         print(f"{n:,} cells: writing to {folder}", flush=True)
-        written = _run([*base, "--write", str(n), "--folder", str(folder)], args.threads,
+        written = C.run_json_child([*base, "--write", str(n), "--folder", str(folder)], args.threads,
                        f"writing {n:,} cells")
         tables["write"].add(n_cells=n, **written)
         print(f"{n:,} cells: {shutil.disk_usage(folder).free / GiB:.0f} GiB free", flush=True)
@@ -227,7 +211,7 @@ def _measure_size(n: int, args: Any, base: list[str], tables: dict[str, C.Table]
         base_rate = None
         for mode in [m for m in args.modes if memory or m != "memory"]:
             print(f"{n:,} cells: training, {mode}", flush=True)
-            row = _run([*base, "--child", mode, "--folder", str(folder), "--steps",
+            row = C.run_json_child([*base, "--child", mode, "--folder", str(folder), "--steps",
                         str(args.steps), "--read-steps", str(args.read_steps)],
                        args.threads, f"{mode} at {n:,} cells")
             base_rate = row["train_cells_per_s"] if mode == "memory" else base_rate
@@ -236,7 +220,7 @@ def _measure_size(n: int, args: Any, base: list[str], tables: dict[str, C.Table]
         base_rate = None
         for mode in [m for m in EMBED_MODES if memory or m != "memory"]:
             print(f"{n:,} cells: embedding, {mode}", flush=True)
-            row = _run([*base, "--embed", mode, "--folder", str(folder), "--embed-cells",
+            row = C.run_json_child([*base, "--embed", mode, "--folder", str(folder), "--embed-cells",
                         str(args.embed_cells)], args.threads, f"embedding {mode} at {n:,}")
             base_rate = row["embed_cells_per_s"] if mode == "memory" else base_rate
             ratio = row["embed_cells_per_s"] / base_rate if base_rate else None

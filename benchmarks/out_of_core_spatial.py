@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,7 +48,6 @@ WRITE_CHUNK = 32768
 SAMPLER = {"num_neighbors": (10, 10), "batch_size": 256, "graph_batch_size": 1}
 SEED_BLOCK = 32
 RANGE_SAMPLES = 40
-GiB = 2**30
 
 #: name -> (label, in memory, block-shuffled seeds); the ranges table covers random seeds
 MODES: dict[str, tuple[str, bool, bool]] = {
@@ -61,11 +59,6 @@ MODES: dict[str, tuple[str, bool, bool]] = {
 #: mmap and gives them back when freed, instead of keeping freed heap pages.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
-
-def _peak() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def _coordinates(n_spots: int, seed: int) -> tuple[Any, Any]:
@@ -120,7 +113,7 @@ def write_child(n_spots: int, folder: Path, seed: int) -> dict[str, Any]:
     out["reorder_s"] = time.perf_counter() - t
     raw.unlink()
     out["store_bytes"] = ordered.stat().st_size
-    out["peak_write"] = _peak()
+    out["peak_write"] = C.peak_rss()
     return out
 
 
@@ -165,7 +158,7 @@ def train_child(mode: str, folder: Path, steps: int, device: str, threads: int,
 
     _, in_memory, blocks = MODES[mode]
     path = folder / "spots.h5ad"
-    out: dict[str, Any] = {"mode": mode, "peak_import": _peak()}
+    out: dict[str, Any] = {"mode": mode, "peak_import": C.peak_rss()}
     t = time.perf_counter()
     if in_memory:
         dataset = StDataset(ad.read_h5ad(path), batch_key="section", spatial_key="spatial")
@@ -179,7 +172,7 @@ def train_child(mode: str, folder: Path, steps: int, device: str, threads: int,
     out["n_edges"] = int(edge_index.shape[1])
     del edge_index  # the sampler keeps its compressed copy
     out["graph_s"] = time.perf_counter() - t
-    out["peak_open"] = _peak()
+    out["peak_open"] = C.peak_rss()
 
     seed_everything(seed)
     model = TranscriptFormer(dataset.n_genes)
@@ -195,7 +188,7 @@ def train_child(mode: str, folder: Path, steps: int, device: str, threads: int,
     out["nodes"] = float(np.mean(counting.nodes))
     out["ranges"] = float(np.mean(counting.ranges))
     out["final_loss"] = float(trainer.history["total_loss"].iloc[-1])
-    out["peak_rss"] = _peak()
+    out["peak_rss"] = C.peak_rss()
     return out
 
 
@@ -244,17 +237,6 @@ def ranges_child(folder: Path, seed: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _run(cmd: list[str], threads: int, what: str, env: dict[str, str] | None = None) -> Any:
-    proc = subprocess.run(cmd, capture_output=True, text=True,
-                          env={**C.child_env(threads), **(env or {})})
-    if proc.returncode != 0:
-        msg = f"{what} failed:\n{proc.stderr[-3000:]}"
-        raise RuntimeError(msg)
-    return json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith(("{", "["))][-1])
-
-
-def gib(value: Any) -> str:
-    return f"{float(value) / GiB:.2f}"
 
 
 def _tables() -> tuple[C.Table, C.Table, C.Table]:
@@ -264,8 +246,8 @@ def _tables() -> tuple[C.Table, C.Table, C.Table]:
         C.Column("write_s", "write raw (chunks) s", C.fmt_float(1)),
         C.Column("order_s", "spatial_order s", C.fmt_float(1)),
         C.Column("reorder_s", "write_in_order s", C.fmt_float(1)),
-        C.Column("store_bytes", "store GiB", gib),
-        C.Column("peak_write", "peak RSS GiB", gib),
+        C.Column("store_bytes", "store GiB", C.gib),
+        C.Column("peak_write", "peak RSS GiB", C.gib),
     ])
     train = C.Table("out_of_core_spatial", "End-to-end spatial training from disk versus memory", [
         C.Column("n_spots", "spots", C.fmt_int),
@@ -277,7 +259,7 @@ def _tables() -> tuple[C.Table, C.Table, C.Table]:
         C.Column("read_ms", "read ms / step", C.fmt_float(1)),
         C.Column("steps_per_s", "steps/s", C.fmt_float(2)),
         C.Column("vs_memory", "vs memory", C.fmt_ratio),
-        C.Column("peak_rss", "peak RSS GiB", gib),
+        C.Column("peak_rss", "peak RSS GiB", C.gib),
     ])
     ranges = C.Table("out_of_core_spatial_ranges", "Row ranges per sampled sub-graph", [
         C.Column("n_spots", "spots", C.fmt_int),
@@ -338,10 +320,10 @@ def main(argv: list[str] | None = None) -> None:
         folder = Path(tempfile.mkdtemp(prefix="step-ooc-spatial-", dir=args.tmp))
         try:
             print(f"{n:,} spots: writing to {folder}", flush=True)
-            writes.add(n_spots=n, **_run([*base, "--write", str(n), "--folder", str(folder)],
+            writes.add(n_spots=n, **C.run_json_child([*base, "--write", str(n), "--folder", str(folder)],
                                          args.threads, f"writing {n:,} spots"))
             if compare:
-                for row in _run([*base, "--ranges", "--folder", str(folder)], args.threads,
+                for row in C.run_json_child([*base, "--ranges", "--folder", str(folder)], args.threads,
                                 f"ranges at {n:,} spots"):
                     ranges.add(n_spots=n, **row)
             modes = ["memory", "disk"] if compare else ["disk", "disk-mmap"]
@@ -349,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
             for _ in range(args.repeats if compare else 1):
                 for mode in modes:
                     print(f"{n:,} spots: {mode} (fresh process)", flush=True)
-                    runs[mode].append(_run([*base, "--child", mode, "--folder", str(folder),
+                    runs[mode].append(C.run_json_child([*base, "--child", mode, "--folder", str(folder),
                                             "--steps", str(args.steps)], args.threads,
                                            f"{mode} at {n:,} spots",
                                            MALLOC_ENV if mode == "disk-mmap" else None))

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,15 +33,9 @@ import _common as C
 
 N_GENES = 2000
 DENSITY = 0.05
-GiB = 2**30
 METHODS = {"memory": "in memory (read_h5ad + prepare_counts)",
            "streaming": "from disk, one streaming pass (OnDiskDataset.iter_blocks)"}
 
-
-def _peak() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def write_child(n_cells: int, folder: Path, seed: int) -> dict[str, Any]:
@@ -63,7 +56,7 @@ def child(method: str, folder: Path, n_top: int) -> dict[str, Any]:
     from step.utils.streaming_hvg import highly_variable_from_blocks
 
     path = folder / "counts.h5ad"
-    out: dict[str, Any] = {"method": method, "peak_import": _peak()}
+    out: dict[str, Any] = {"method": method, "peak_import": C.peak_rss()}
     t = time.perf_counter()
     if method == "memory":
         genes = list(prepare_counts(ad.read_h5ad(path), n_top_genes=n_top,
@@ -74,21 +67,11 @@ def child(method: str, folder: Path, n_top: int) -> dict[str, Any]:
         mask = highly_variable_from_blocks(dataset.iter_blocks(), dataset.var_names, n_top)
         genes = list(dataset.var_names[mask])
     out["seconds"] = time.perf_counter() - t
-    out["peak_rss"] = _peak()
+    out["peak_rss"] = C.peak_rss()
     out["genes"] = genes
     return out
 
 
-def _run(cmd: list[str], threads: int, what: str) -> dict[str, Any]:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=C.child_env(threads))
-    if proc.returncode != 0:
-        msg = f"{what} failed:\n{proc.stderr[-3000:]}"
-        raise RuntimeError(msg)
-    return json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
-
-
-def gib(value: Any) -> str:
-    return f"{float(value) / GiB:.2f}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -119,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         C.Column("label", "method", "{}"),
         C.Column("seconds", "seconds", C.fmt_float(1)),
         C.Column("time_ratio", "time / in memory", C.fmt_ratio),
-        C.Column("peak_rss", "peak RSS GiB", gib),
+        C.Column("peak_rss", "peak RSS GiB", C.gib),
         C.Column("rss_ratio", "peak RSS / in memory", C.fmt_ratio),
         C.Column("same", "same genes as in memory", "{}"),
     ])
@@ -127,12 +110,12 @@ def main(argv: list[str] | None = None) -> None:
         folder = Path(tempfile.mkdtemp(prefix="step-hvg-", dir=args.tmp))
         try:
             print(f"{n:,} cells: writing to {folder}", flush=True)
-            written = _run([*base, "--write", str(n), "--folder", str(folder)], args.threads,
+            written = C.run_json_child([*base, "--write", str(n), "--folder", str(folder)], args.threads,
                            f"writing {n:,} cells")
             rows = {}
             for method in METHODS:
                 print(f"{n:,} cells: {method} (fresh process)", flush=True)
-                rows[method] = _run([*base, "--child", method, "--folder", str(folder)],
+                rows[method] = C.run_json_child([*base, "--child", method, "--folder", str(folder)],
                                     args.threads, f"{method} at {n:,} cells")
             reference = rows["memory"]["genes"]
             for method, row in rows.items():

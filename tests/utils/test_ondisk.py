@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 
 import anndata as ad
 import numpy as np
@@ -17,22 +16,13 @@ from step.utils.dataset import ScDataset, index_loader
 from step.utils.ondisk import OnDiskDataset
 
 
-def _write(adata: ad.AnnData, path) -> str:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if str(path).endswith(".zarr"):
-            adata.write_zarr(path)
-        else:
-            adata.write_h5ad(path)
-    return str(path)
-
 
 @pytest.fixture(scope="module")
-def pbmc_files(tmp_path_factory, _pbmc_counts_session):
+def pbmc_files(tmp_path_factory, _pbmc_counts_session, write_store):
     root = tmp_path_factory.mktemp("ondisk")
     adata = _pbmc_counts_session.copy()
     adata.layers["counts"] = adata.X.copy()
-    return adata, _write(adata, root / "pbmc.h5ad"), _write(adata, root / "pbmc.zarr")
+    return adata, write_store(adata, root / "pbmc.h5ad"), write_store(adata, root / "pbmc.zarr")
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -137,13 +127,13 @@ def test_index_loader_chooses_the_block_sampler(pbmc_files):
 
 
 # ---------------------------------------------------------------------- collections
-def test_collection_matches_genes_by_name(pbmc_files, tmp_path):
+def test_collection_matches_genes_by_name(pbmc_files, tmp_path, write_store):
     adata = pbmc_files[0][:, :]
     first, second = adata[:300].copy(), adata[300:].copy()
     perm = np.random.default_rng(0).permutation(adata.n_vars)
     second = second[:, perm].copy()
     second.X = sp.csr_matrix(second.X)
-    paths = [_write(first, tmp_path / "a.h5ad"), _write(second, tmp_path / "b.zarr")]
+    paths = [write_store(first, tmp_path / "a.h5ad"), write_store(second, tmp_path / "b.zarr")]
     disk = OnDiskDataset(paths, batch_key="phase", mode="batch")
     mem = ScDataset(adata, batch_key="phase", mode="batch")
     assert len(disk) == 700 and disk.var_names.equals(adata.var_names) and disk.files[1].name == "b.zarr"
@@ -156,21 +146,21 @@ def test_collection_matches_genes_by_name(pbmc_files, tmp_path):
     np.testing.assert_array_equal(sub[idx]["x"].numpy(), adata[idx, genes].X.toarray())
 
 
-def test_bad_files_are_refused_naming_the_file(pbmc_files, tmp_path):
+def test_bad_files_are_refused_naming_the_file(pbmc_files, tmp_path, write_store):
     adata, h5ad, _ = pbmc_files
-    fewer = _write(adata[:, 5:].copy(), tmp_path / "fewer.h5ad")
+    fewer = write_store(adata[:, 5:].copy(), tmp_path / "fewer.h5ad")
     with pytest.raises(ValueError, match=r"fewer\.h5ad' lacks 5 genes: 'HES4'"):
         OnDiskDataset([h5ad, fewer])
     no_x = adata.copy()
     no_x.X = None
-    no_x = _write(no_x, tmp_path / "nox.h5ad")
+    no_x = write_store(no_x, tmp_path / "nox.h5ad")
     with pytest.raises(ValueError, match=r"nox\.h5ad' has no counts in X; pass layer=.*'counts'"):
         OnDiskDataset(no_x)
     with pytest.raises(KeyError, match=r"nox\.h5ad.*layer 'raw' not found"):
         OnDiskDataset(no_x, layer="raw")
     logged = adata.copy()
     logged.X = sp.csr_matrix(np.log1p(logged.X.toarray()))
-    logged = _write(logged, tmp_path / "logged.zarr")
+    logged = write_store(logged, tmp_path / "logged.zarr")
     with pytest.raises(ValueError, match=r"logged\.zarr' X .*non-integer"):
         OnDiskDataset(logged)
     with pytest.raises(FileNotFoundError, match=r"missing\.h5ad"):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 
 import anndata as ad
 import h5py
@@ -17,19 +16,13 @@ from step.utils import OnDiskDataset, StDataset, contiguous_runs, write_in_order
 from step.utils.row_runs import read_rows
 
 
-def _write(adata: ad.AnnData, path) -> str:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        adata.write_zarr(path) if str(path).endswith(".zarr") else adata.write_h5ad(path)
-    return str(path)
-
 
 def _read(path) -> ad.AnnData:
     return ad.read_zarr(path) if str(path).endswith(".zarr") else ad.read_h5ad(path)
 
 
 @pytest.fixture(scope="module")
-def spatial_files(tmp_path_factory):
+def spatial_files(tmp_path_factory, write_store):
     """Two sections of real cells in shuffled row order, with a layer and a spot graph."""
     adata = spatial_benchmark_case("layers_st_sections", seed=0)
     adata = adata[np.random.default_rng(0).permutation(adata.n_obs)].copy()
@@ -37,7 +30,7 @@ def spatial_files(tmp_path_factory):
     adata.obsp["neighbours"] = sp.random(adata.n_obs, adata.n_obs, density=0.01, format="csr",
                                          random_state=0)
     root = tmp_path_factory.mktemp("store_order")
-    return adata, _write(adata, root / "in.h5ad"), _write(adata, root / "in.zarr")
+    return adata, write_store(adata, root / "in.h5ad"), write_store(adata, root / "in.zarr")
 
 
 def _same_matrix(a, b) -> bool:
@@ -60,7 +53,7 @@ def test_written_store_is_the_data_in_the_new_order(spatial_files, tmp_path, sou
     assert _same_matrix(_read(spatial_files[source]).X, adata.X)
 
 
-def test_in_memory_anndata_and_bad_input(spatial_files, tmp_path):
+def test_in_memory_anndata_and_bad_input(spatial_files, tmp_path, write_store):
     adata = spatial_files[0]
     order = np.random.default_rng(2).permutation(adata.n_obs)
     out = write_in_order(adata, tmp_path / "mem.h5ad", order)
@@ -73,7 +66,7 @@ def test_in_memory_anndata_and_bad_input(spatial_files, tmp_path):
         write_in_order(spatial_files[1], tmp_path / "short.h5ad", order[:-1])
     dense = adata.copy()
     dense.X = dense.X.toarray()
-    path = _write(dense, tmp_path / "dense.h5ad")
+    path = write_store(dense, tmp_path / "dense.h5ad")
     with pytest.raises(ValueError, match="CSR"):
         write_in_order(path, tmp_path / "dense_out.h5ad", order)
 

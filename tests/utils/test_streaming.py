@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 
 import anndata as ad
 import h5py
@@ -17,23 +16,14 @@ from step.workflows import scModel
 SMALL = {"hidden_dim": 32, "n_modules": 16, "module_dim": 16, "latent_dim": 8, "dropout": 0.0}
 
 
-def _write(adata: ad.AnnData, path) -> str:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if str(path).endswith(".zarr"):
-            adata.write_zarr(path)
-        else:
-            adata.write_h5ad(path)
-    return str(path)
-
 
 @pytest.fixture(scope="module")
-def pbmc_files(tmp_path_factory, _pbmc_counts_session):
+def pbmc_files(tmp_path_factory, _pbmc_counts_session, write_store):
     root = tmp_path_factory.mktemp("streaming")
     adata = _pbmc_counts_session.copy()
     adata.X = sp.csr_matrix(adata.X)
     adata.layers["counts"] = adata.X.copy()
-    return adata, _write(adata, root / "pbmc.h5ad"), _write(adata, root / "pbmc.zarr")
+    return adata, write_store(adata, root / "pbmc.h5ad"), write_store(adata, root / "pbmc.zarr")
 
 
 @pytest.fixture(scope="module")
