@@ -342,19 +342,28 @@ class BaseDataset(Dataset):
         """Gene names."""
         return self.root._var_names
 
+    def _all_obs_names(self) -> pd.Index:
+        """Cell names of every item of the root (root datasets only)."""
+        return self._obs_names
+
+    def _all_obs(self) -> pd.DataFrame:
+        """obs of every item of the root, not to be modified (root datasets only)."""
+        return self._obs
+
     @property
     def obs_names(self) -> pd.Index:
         """Cell names of this dataset's items."""
         root = self.root
-        return root._obs_names if root is self else root._obs_names[self.indices]
+        names = root._all_obs_names()
+        return names if root is self else names[self.indices]
 
     @property
     def obs(self) -> pd.DataFrame:
         """A copy of the obs rows of this dataset's items (e.g. for stratified splits)."""
         root = self.root
         if root is self:
-            return self._obs.copy()
-        return root._obs.iloc[self.indices].copy()
+            return self._all_obs().copy()
+        return root._all_obs().iloc[self.indices].copy()
 
     @property
     def layer(self) -> str | None:
@@ -521,6 +530,14 @@ class BaseDataset(Dataset):
         if scalar:
             return {k: v[0] for k, v in batch.items()}
         return batch
+
+    def set_read_blocks(self, block_rows: int | None, max_blocks: int = 64) -> None:
+        """Hint that reads come in blocks of ``block_rows`` consecutive rows.
+
+        Datasets that read from disk (:class:`~step.utils.ondisk.OnDiskDataset`) then
+        read whole blocks and keep the ``max_blocks`` most recently used in memory;
+        datasets in memory read their rows directly and ignore the hint.
+        """
 
     def subset(self, indices: IndexLike) -> MaskedDataset:
         """A view of the items at ``indices`` (positions in this dataset).
@@ -698,7 +715,10 @@ def index_loader(
         ``None`` shuffles rows independently (:class:`IndexBatchSampler`); an integer
         shuffles contiguous blocks of that many rows and rows within buffers of
         ``buffer_blocks`` blocks (:class:`~step.utils.block_sampler.BlockBatchSampler`),
-        so each batch reads few contiguous ranges of an on-disk matrix.
+        so each batch reads few contiguous ranges of an on-disk matrix. The dataset is
+        also told to read whole blocks of that many rows and keep a buffer's worth in
+        memory (:meth:`BaseDataset.set_read_blocks`), so a block is read from disk once
+        per epoch, not once per batch that touches it.
     buffer_blocks
         Blocks shuffled together when ``block_size`` is set.
 
@@ -731,6 +751,10 @@ def index_loader(
             drop_last=drop_last,
             seed=seed,
         )
+        # Each block of positions spans about n_root / n_view rows of the root, so the
+        # cache holds a buffer's worth of blocks whatever fraction of rows the view has.
+        spread = -(-len(dataset.root) // len(dataset)) + 1
+        dataset.root.set_read_blocks(block_size, (buffer_blocks + 1) * spread)
     return DataLoader(
         dataset,
         batch_size=None,

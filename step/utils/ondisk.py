@@ -14,8 +14,10 @@ sparse reader (:func:`anndata.io.sparse_dataset`).
 Several files form one collection: their rows are concatenated and their columns
 are matched by gene name to one gene order (the first file's unless ``genes`` is
 given). A file that lacks some of the genes is refused with the list of what it lacks.
-Only obs, gene names, per-cell totals, row pointers and (with ``spatial_key``) the
-coordinates are kept in memory.
+Only gene names, per-cell totals, row pointers, the batch and class codes and (with
+``spatial_key``) the coordinates are kept in memory; obs and the cell names are read
+from the files when asked for (:attr:`OnDiskDataset.obs`, ``obs_names``) and copied
+file to file into results (:meth:`OnDiskDataset.write_obs`).
 """
 
 from __future__ import annotations
@@ -32,14 +34,16 @@ import pandas as pd
 import scipy.sparse as sp
 
 from step._constants import MODES
+from step.utils.block_cache import RowBlockCache
 from step.utils.dataset import BaseDataset, _read_only
 from step.utils.row_runs import read_rows
+from step.utils.store_copy import copy_element
 from step.utils.validation import check_counts
 
 try:  # anndata >= 0.11
-    from anndata.io import read_elem, sparse_dataset
+    from anndata.io import read_elem, sparse_dataset, write_elem
 except ImportError:  # pragma: no cover - older anndata
-    from anndata.experimental import read_elem, sparse_dataset
+    from anndata.experimental import read_elem, sparse_dataset, write_elem
 
 __all__ = ["OnDiskDataset", "OnDiskReadError", "read_annotations"]
 
@@ -99,13 +103,17 @@ class _CountsFile:
         self._counts: Any = None
         self._indptr: np.ndarray | None = None
         store = self.store
-        self.obs: pd.DataFrame = read_elem(store["obs"])
+        obs = store["obs"]
+        self._index_key = str(obs.attrs["_index"])
+        order = obs.attrs.get("column-order", [])
+        self.obs_columns = [str(c) for c in np.asarray(order, dtype=object).reshape(-1)]
+        n_obs_rows = int(obs[self._index_key].shape[0])
         self.var_names = pd.Index(read_elem(store["var"]).index.astype(str))
         self._check_element(store, layer)
         self._identity = self._stat()
         self.n_obs, n_vars = (int(s) for s in self.counts.shape)
-        if n_vars != len(self.var_names) or self.n_obs != len(self.obs):
-            msg = f"{self.name}: {self.element} has shape {self.counts.shape}, obs x var is {len(self.obs)} x {len(self.var_names)}"
+        if n_vars != len(self.var_names) or self.n_obs != n_obs_rows:
+            msg = f"{self.name}: {self.element} has shape {self.counts.shape}, obs x var is {n_obs_rows} x {len(self.var_names)}"
             raise ValueError(msg)
 
     @property
@@ -201,6 +209,18 @@ class _CountsFile:
             raise OnDiskReadError(msg)
         return block
 
+    def read_obs(self) -> pd.DataFrame:
+        """The file's whole obs table, read into memory."""
+        return read_elem(self.store["obs"])
+
+    def read_obs_column(self, key: str) -> pd.Series:
+        """One column of obs, read into memory."""
+        return pd.Series(read_elem(self.store["obs"][key]))
+
+    def read_obs_names(self) -> np.ndarray:
+        """The file's cell names, read into memory."""
+        return np.asarray(read_elem(self.store["obs"][self._index_key]), dtype=object).astype(str)
+
     def coordinates(self, key: str) -> np.ndarray:
         """The array ``obsm[key]`` of this file, read into memory."""
         obsm = self.store["obsm"] if "obsm" in self.store else {}
@@ -294,9 +314,9 @@ class OnDiskDataset(BaseDataset):
         self._files = [_CountsFile(_source_path(s), layer) for s in sources]
         for f in self._files:
             for key, role in ((batch_key, "batch_key"), (class_key, "class_key")):
-                columns = f.obs.columns if obs is None else obs.columns
+                columns = f.obs_columns if obs is None else list(obs.columns)
                 if key is not None and key not in columns:
-                    msg = f"{f.name}: {role} {key!r} is not a column of obs; columns: {_listing(f.obs.columns)}"
+                    msg = f"{f.name}: {role} {key!r} is not a column of obs; columns: {_listing(columns)}"
                     raise KeyError(msg)
 
         self._var_names = pd.Index(self._files[0].var_names if genes is None else [str(g) for g in genes])
@@ -307,31 +327,40 @@ class OnDiskDataset(BaseDataset):
         self._columns = self._match_genes()
 
         self._layer = layer
+        self._caches: list[RowBlockCache | None] = [None] * len(self._files)
         self._n_genes = len(self._var_names)
         self._offsets = np.cumsum([0] + [f.n_obs for f in self._files]).astype(np.int64)
         self._n_obs = int(self._offsets[-1])
         if self._n_obs == 0 or self._n_genes == 0:
             msg = f"the data are empty ({self._n_obs} cells x {self._n_genes} genes)"
             raise ValueError(msg)
-        frames = [f.obs for f in self._files]
-        self._obs = frames[0].copy() if len(frames) == 1 else pd.concat(frames, axis=0)
+        self._given_obs: pd.DataFrame | None = None
         if obs is not None:
             if len(obs) != self._n_obs:
                 msg = f"obs has {len(obs)} rows, the files hold {self._n_obs} cells"
                 raise ValueError(msg)
-            self._obs = obs.copy()
-        self._obs_names = pd.Index(self._obs.index.astype(str))
+            self._given_obs = obs.copy()
         self._library = _read_only(self._scan())
         self._warn_empty_cells()
         obsm = {}
         if spatial_key is not None:
             obsm[spatial_key] = np.concatenate([f.coordinates(spatial_key) for f in self._files])
-        annotations = SimpleNamespace(obs=self._obs, obsm=obsm)
+        annotations = SimpleNamespace(obs=self._label_columns(batch_key, class_key), obsm=obsm)
         self._init_annotations(
             annotations, batch_key=batch_key, class_key=class_key, spatial_key=spatial_key, mode=mode
         )
 
     # ------------------------------------------------------------------ set-up
+    def _label_columns(self, *keys: str | None) -> pd.DataFrame:
+        """The obs columns ``keys`` of all cells (given obs or read from the files)."""
+        keys = tuple(dict.fromkeys(k for k in keys if k is not None))
+        if self._given_obs is not None:
+            return self._given_obs.loc[:, list(keys)]
+        return pd.DataFrame({
+            key: pd.concat([f.read_obs_column(key) for f in self._files], ignore_index=True)
+            for key in keys
+        }, index=pd.RangeIndex(self._n_obs))
+
     def _match_genes(self) -> list[np.ndarray | None]:
         """Per file, the columns giving the dataset's gene order (``None``: as stored)."""
         columns: list[np.ndarray | None] = []
@@ -392,14 +421,51 @@ class OnDiskDataset(BaseDataset):
         """Paths of the files, in row order."""
         return [f.path for f in self.root._files]
 
+    def set_read_blocks(self, block_rows: int | None, max_blocks: int = 64) -> None:
+        """Read rows in aligned blocks and keep the recently used blocks in memory.
+
+        Suits block-shuffled training, whose batches come back to the same few blocks
+        (:func:`~step.utils.dataset.index_loader` sets it when given ``block_size``),
+        and sequential reads: each block is then read from disk once per pass instead
+        of once per batch that touches it.
+
+        Parameters
+        ----------
+        block_rows
+            Rows per block (per file, from its first row); ``None`` reads only the
+            requested rows, without a cache.
+        max_blocks
+            Blocks kept per file; memory is about ``max_blocks * block_rows`` rows of
+            stored values.
+        """
+        root = self.root
+        if block_rows is None:
+            root._caches = [None] * len(root._files)
+            return
+        current = root._caches[0]
+        if current is not None and current.block_rows == block_rows:
+            for cache in root._caches:  # another loader of the same blocks: keep what is read
+                cache.max_blocks = max(cache.max_blocks, int(max_blocks))
+            return
+        root._caches = [RowBlockCache(f.n_obs, block_rows, max_blocks) for f in root._files]
+
+    def _read_file(self, i: int, rows: np.ndarray) -> sp.csr_matrix:
+        """Rows of file ``i`` (increasing unique positions in it), in the dataset's gene order."""
+        f, cols = self._files[i], self._columns[i]
+
+        def read(wanted: np.ndarray) -> sp.csr_matrix:
+            block = f.read(wanted)
+            return block if cols is None else block[:, cols]
+
+        cache = self._caches[i]
+        return read(rows) if cache is None else cache.rows(rows, read)
+
     def _read_sorted(self, rows: np.ndarray) -> sp.csr_matrix:
         """Rows given as increasing unique positions, in the dataset's gene order."""
         parts = []
         which = np.searchsorted(self._offsets, rows, side="right") - 1
         for i in np.unique(which):
-            f, cols = self._files[i], self._columns[i]
-            block = f.read(rows[which == i] - self._offsets[i])
-            parts.append(block if cols is None else block[:, cols])
+            parts.append(self._read_file(int(i), rows[which == i] - self._offsets[i]))
         if not parts:
             return sp.csr_matrix((0, self._n_genes), dtype=np.float32)
         return parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr", dtype=np.float32)
@@ -411,6 +477,29 @@ class OnDiskDataset(BaseDataset):
             return block
         return block[inverse.reshape(-1)]
 
+    def _all_obs_names(self) -> pd.Index:
+        if self._given_obs is not None:
+            return pd.Index(self._given_obs.index.astype(str))
+        return pd.Index(np.concatenate([f.read_obs_names() for f in self._files]))
+
+    def _all_obs(self) -> pd.DataFrame:
+        if self._given_obs is not None:
+            return self._given_obs
+        frames = [f.read_obs() for f in self._files]
+        return frames[0] if len(frames) == 1 else pd.concat(frames, axis=0)
+
+    def write_obs(self, target: Any, name: str = "obs") -> None:
+        """Write this dataset's obs into the HDF5 group ``target`` as ``target[name]``.
+
+        The obs of one file is copied from store to store, a slice at a time, never
+        whole through memory; the obs of several files (concatenated) or given as
+        ``obs=`` is written from memory.
+        """
+        if self._given_obs is None and len(self._files) == 1:
+            copy_element(self._files[0].store["obs"], target, name)
+        else:
+            write_elem(target, name, self._all_obs())
+
     def _dense_rows(self, rows: np.ndarray) -> np.ndarray:
         return self._csr_rows(rows).toarray()
 
@@ -420,9 +509,19 @@ class OnDiskDataset(BaseDataset):
         return self.root._csr_rows(self.indices)
 
     def close(self) -> None:
-        """Close the open files (they are reopened on the next read)."""
+        """Close the open files (they are reopened on the next read) and empty the
+        read cache."""
         for f in self._files:
             f.close()
+        for cache in self._caches:
+            if cache is not None:
+                cache.clear()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_caches"] = [None if c is None else RowBlockCache(c.n_rows, c.block_rows, c.max_blocks)
+                            for c in self._caches]
+        return state
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", n_files={len(self._files)})"
@@ -450,6 +549,6 @@ def read_annotations(source: Source, *, layer: str | None = None) -> tuple[pd.Da
     """
     file = _CountsFile(_source_path(source), layer)
     try:
-        return file.obs, file.var_names
+        return file.read_obs(), file.var_names
     finally:
         file.close()

@@ -21,6 +21,8 @@ import pandas as pd
 import torch
 
 from step.utils.dataset import BaseDataset, index_loader
+from step.utils.ondisk import OnDiskDataset
+from step.utils.store_copy import copy_element
 
 try:  # anndata >= 0.11
     from anndata.io import read_elem
@@ -30,8 +32,6 @@ except ImportError:  # pragma: no cover - older anndata
 __all__ = ["embed_to_h5ad"]
 
 PathLike = str | os.PathLike
-#: Elements copied per read when counts are copied from a ``.zarr`` store.
-_COPY_ELEMENTS = 1 << 22
 
 
 def _write_annotations(path: Path, obs: pd.DataFrame, var: pd.DataFrame,
@@ -70,38 +70,25 @@ def _check_copyable(source: Any, element: str, dataset: BaseDataset) -> None:
         raise ValueError(msg)
 
 
-def _copy_group(source: Any, element: str, target: h5py.File) -> None:
-    """Copy a CSR group from a zarr store into ``target``, a slice of elements at a time."""
-    group = source[element]
-    out = target.require_group(element)
-    for name, value in group.attrs.items():
-        out.attrs[name] = value
-    for name in ("data", "indices", "indptr"):
-        array = group[name]
-        dest = out.create_dataset(name, shape=array.shape, dtype=array.dtype,
-                                  chunks=(min(max(1, array.shape[0]), _COPY_ELEMENTS),))
-        for start in range(0, array.shape[0], _COPY_ELEMENTS):
-            stop = min(start + _COPY_ELEMENTS, array.shape[0])
-            dest[start:stop] = array[start:stop]
-
-
 def _copy_counts(dataset: BaseDataset, target: h5py.File) -> None:
     path, element = _source_counts(dataset)
     if element != "X" and "layers" not in target:
         layers = target.create_group("layers")
         layers.attrs["encoding-type"], layers.attrs["encoding-version"] = "dict", "0.1.0"
+    if element in target:
+        del target[element]
+    parent, _, name = element.rpartition("/")
+    destination = target[parent] if parent else target
     if path.is_dir() or path.suffix == ".zarr":
         import zarr
 
         source = zarr.open(str(path), mode="r")
         _check_copyable(source, element, dataset)
-        _copy_group(source, element, target)
+        copy_element(source[element], destination, name)
         return
     with h5py.File(path, "r") as source:
         _check_copyable(source, element, dataset)
-        if element in target:
-            del target[element]
-        source.copy(source[element], target, element)
+        copy_element(source[element], destination, name)
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
@@ -145,7 +132,9 @@ def embed_to_h5ad(
         Cells per batch.
     obs, var, uns
         Annotations written beside the embedding; by default the dataset's ``obs`` and
-        its genes as ``var``, no ``uns``.
+        its genes as ``var``, no ``uns``. The obs of an
+        :class:`~step.utils.ondisk.OnDiskDataset` is copied from its file
+        (:meth:`~step.utils.ondisk.OnDiskDataset.write_obs`), not held in memory.
     copy_counts
         Also copy the counts of the dataset's file (``X`` or the dataset's layer) into
         the result file, from store to store. Needs an on-disk dataset over one file
@@ -184,16 +173,23 @@ def embed_to_h5ad(
                     del obsm[key]
             _fill_obsm(model, dataset, obsm, outputs, batch_size)
         return path
-    obs = (dataset.obs if obs is None else obs).copy()
-    if len(obs) != len(dataset):
-        msg = f"obs has {len(obs)} rows, the dataset holds {len(dataset)} cells"
-        raise ValueError(msg)
+    copy_obs = obs is None and isinstance(dataset, OnDiskDataset)
+    if not copy_obs:
+        obs = (dataset.obs if obs is None else obs).copy()
+        if len(obs) != len(dataset):
+            msg = f"obs has {len(obs)} rows, the dataset holds {len(dataset)} cells"
+            raise ValueError(msg)
     if var is None:
         var = pd.DataFrame(index=pd.Index([str(g) for g in dataset.var_names]))
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_annotations(path, obs, var, uns)
+    # An on-disk dataset's obs goes file to file: an empty obs is written, then replaced.
+    _write_annotations(path, pd.DataFrame(index=pd.Index([], dtype=str)) if copy_obs else obs,
+                       var, uns)
     try:
         with h5py.File(path, "a") as file:
+            if copy_obs:
+                del file["obs"]
+                dataset.write_obs(file, "obs")
             if copy_counts:
                 _copy_counts(dataset, file)
             _fill_obsm(model, dataset, file.require_group("obsm"), outputs, batch_size)
