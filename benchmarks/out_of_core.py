@@ -19,7 +19,10 @@ Python process,
 
 Peak RSS is ``resource.getrusage`` of the process (torch and step imports included).
 Disk reads use block shuffling (``block_size=64, buffer_blocks=16``: at most 17
-contiguous ranges per batch) unless the row says random. Finally the embedding quality
+contiguous ranges per batch) unless the row says random; the loader then has the dataset
+read whole aligned blocks of 64 rows and keep a buffer's worth in memory, so each block
+is read from disk once per pass (with one process; under ``torchrun`` every process
+reads only its own rows). Finally the embedding quality
 of a model trained from disk and the same model trained in memory is compared on the
 PBMC counts written to disk (3 seeds; ``benchmarks/_ooc_quality.py``). The files are
 deleted after each size.
@@ -140,8 +143,7 @@ def embed_child(mode: str, folder: Path, n_embed: int, device: str, seed: int
     model = TranscriptFormer(dataset.n_genes, **C.OUR_DEFAULTS).to(device)
     target = folder / f"embedding-{mode}.h5ad"
     t = time.perf_counter()
-    embed_to_h5ad(model, cells, target, batch_size=EMBED_BATCH,
-                  obs=dataset.obs.iloc[:n_embed])
+    embed_to_h5ad(model, cells, target, batch_size=EMBED_BATCH)
     out.update(embed_cells=n_embed, embed_cells_per_s=n_embed / (time.perf_counter() - t),
                peak_rss=C.peak_rss(), result_bytes=target.stat().st_size)
     target.unlink()
@@ -325,7 +327,8 @@ def _add_notes(tables: dict[str, C.Table], args: Any, seconds: float) -> None:
     tables["embed"].notes.append(
         f"untrained model of the same size; embed_to_h5ad over the first "
         f"{args.embed_cells:,} cells in batches of {EMBED_BATCH:,}; the dataset over all "
-        "cells is open (obs and per-cell totals in memory); result file deleted after.")
+        "cells is open (per-cell totals and row pointers in memory); obs copied file to "
+        "file into the result, which is deleted after.")
     tables["ddp"].notes.append(
         f"{args.ddp_steps} steps of {BATCH_SIZE} cells per process from the .h5ad store, "
         "block shuffling, gloo, one torch thread per process; 'rows read' counts the "

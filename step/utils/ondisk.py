@@ -488,17 +488,27 @@ class OnDiskDataset(BaseDataset):
         frames = [f.read_obs() for f in self._files]
         return frames[0] if len(frames) == 1 else pd.concat(frames, axis=0)
 
-    def write_obs(self, target: Any, name: str = "obs") -> None:
-        """Write this dataset's obs into the HDF5 group ``target`` as ``target[name]``.
+    def write_obs(self, target: Any, name: str = "obs", *, rows: slice | None = None) -> None:
+        """Write the obs of this dataset's cells into the HDF5 group ``target`` as ``target[name]``.
 
         The obs of one file is copied from store to store, a slice at a time, never
         whole through memory; the obs of several files (concatenated) or given as
         ``obs=`` is written from memory.
+
+        Parameters
+        ----------
+        target
+            An open HDF5 group (e.g. an ``h5py.File``); ``name`` must not exist in it.
+        name
+            Name of the element written.
+        rows
+            A slice of consecutive cells (step 1) to write instead of all.
         """
         if self._given_obs is None and len(self._files) == 1:
-            copy_element(self._files[0].store["obs"], target, name)
+            copy_element(self._files[0].store["obs"], target, name, rows=rows)
         else:
-            write_elem(target, name, self._all_obs())
+            obs = self._all_obs()
+            write_elem(target, name, obs if rows is None else obs.iloc[rows])
 
     def _dense_rows(self, rows: np.ndarray) -> np.ndarray:
         return self._csr_rows(rows).toarray()

@@ -55,7 +55,12 @@ def _read_ranges(array: Any, starts: np.ndarray, stops: np.ndarray, max_gap: int
     joined = np.flatnonzero(starts[1:] - stops[:-1] > max_gap) + 1
     lo = starts[np.concatenate([[0], joined])]
     hi = stops[np.concatenate([joined - 1, [starts.size - 1]])]
-    buffer = np.concatenate([np.asarray(array[int(a) : int(b)]) for a, b in zip(lo, hi, strict=True)])
+    if hasattr(array, "oindex"):  # zarr: one call fetches (and decodes) all chunks together
+        buffer = np.asarray(array.oindex[np.concatenate(
+            [np.arange(a, b, dtype=np.int64) for a, b in zip(lo, hi, strict=True)])])
+    else:
+        buffer = np.concatenate([np.asarray(array[int(a) : int(b)])
+                                 for a, b in zip(lo, hi, strict=True)])
     if lo.size == starts.size:
         return buffer
     block = np.searchsorted(lo, starts, side="right") - 1

@@ -40,26 +40,33 @@ def _copy_attrs(source: Any, target: h5py.Group | h5py.Dataset) -> None:
         target.attrs[key] = _h5_attr(value)
 
 
-def _copy_array(array: Any, target: h5py.Group, name: str, step: int) -> None:
+def _is_array(element: Any) -> bool:
+    return hasattr(element, "shape") and hasattr(element, "dtype")
+
+
+def _copy_array(array: Any, target: h5py.Group, name: str, step: int,
+                rows: slice | None) -> None:
     string = _is_string(array.dtype)
     dtype = h5py.string_dtype() if string else array.dtype
     if array.ndim == 0:
         value = array[()]
         out = target.create_dataset(name, data=str(value) if string else value, dtype=dtype)
     else:
-        rows = int(array.shape[0])
+        first, last, _ = (rows or slice(None)).indices(int(array.shape[0]))
+        n_rows = max(0, last - first)
         per_row = int(np.prod(array.shape[1:], dtype=np.int64)) or 1
         rows_per_copy = max(1, step // per_row)
-        chunks = (max(1, min(rows, rows_per_copy)), *array.shape[1:]) if rows else None
-        out = target.create_dataset(name, shape=array.shape, dtype=dtype, chunks=chunks)
-        for start in range(0, rows, rows_per_copy):
-            stop = min(start + rows_per_copy, rows)
-            block = np.asarray(array[start:stop])
+        chunks = (max(1, min(n_rows, rows_per_copy)), *array.shape[1:]) if n_rows else None
+        out = target.create_dataset(name, shape=(n_rows, *array.shape[1:]), dtype=dtype,
+                                    chunks=chunks)
+        for start in range(0, n_rows, rows_per_copy):
+            stop = min(start + rows_per_copy, n_rows)
+            block = np.asarray(array[first + start:first + stop])
             out[start:stop] = block.astype(object) if string else block
     _copy_attrs(array, out)
 
 
-def copy_element(source: Any, target: h5py.Group, name: str, *,
+def copy_element(source: Any, target: h5py.Group, name: str, *, rows: slice | None = None,
                  step: int = COPY_ELEMENTS) -> None:
     """Copy an anndata element (a group or an array) into ``target[name]``.
 
@@ -71,16 +78,43 @@ def copy_element(source: Any, target: h5py.Group, name: str, *,
         The HDF5 group to copy into; ``name`` must not exist in it yet.
     name
         Name of the copy.
+    rows
+        A slice of rows (step 1) to copy instead of all rows: of an array, or of every
+        column and the index of a dataframe (categories are copied whole).
     step
-        Elements copied per read from a zarr store (memory is about one slice).
+        Elements copied per read (memory is about one slice).
+
+    Raises
+    ------
+    ValueError
+        If ``rows`` is given for an element that is not an array or a dataframe, or
+        with a step other than 1.
     """
-    if isinstance(source, h5py.Group | h5py.Dataset):
-        source.file.copy(source, target, name)
+    if rows is not None and rows.step not in (None, 1):
+        msg = f"rows must be a slice with step 1, received {rows}"
+        raise ValueError(msg)
+    if _is_array(source):
+        _copy_array(source, target, name, step, rows)
         return
-    if hasattr(source, "shape") and hasattr(source, "dtype"):
-        _copy_array(source, target, name, step)
+    encoding = source.attrs.get("encoding-type")
+    if rows is not None and encoding != "dataframe":
+        msg = f"rows can be selected in arrays and dataframes, not in a {encoding!r} element"
+        raise ValueError(msg)
+    if rows is None and isinstance(source, h5py.Group):
+        source.file.copy(source, target, name)
         return
     out = target.create_group(name)
     _copy_attrs(source, out)
     for key in source.keys():
-        copy_element(source[key], out, key, step=step)
+        child = source[key]
+        if rows is None:
+            copy_element(child, out, key, step=step)
+        elif _is_array(child):
+            _copy_array(child, out, key, step, rows)
+        else:  # a column stored as a group: categorical or nullable
+            part = out.create_group(key)
+            _copy_attrs(child, part)
+            categorical = child.attrs.get("encoding-type") == "categorical"
+            for member in child.keys():
+                whole = categorical and member == "categories"
+                _copy_array(child[member], part, member, step, None if whole else rows)

@@ -91,6 +91,18 @@ def _copy_counts(dataset: BaseDataset, target: h5py.File) -> None:
         copy_element(source[element], destination, name)
 
 
+def _consecutive_on_disk(dataset: BaseDataset) -> slice | None:
+    """The rows of an on-disk dataset (or view) whose cells are consecutive, else ``None``."""
+    if not isinstance(dataset.root, OnDiskDataset):
+        return None
+    if dataset.root is dataset:
+        return slice(0, len(dataset))
+    rows = dataset.indices
+    if rows.size and np.array_equal(rows, np.arange(rows[0], rows[0] + rows.size)):
+        return slice(int(rows[0]), int(rows[0]) + rows.size)
+    return None
+
+
 def _device_of(model: torch.nn.Module) -> torch.device:
     for tensor in model.parameters():
         return tensor.device
@@ -173,8 +185,8 @@ def embed_to_h5ad(
                     del obsm[key]
             _fill_obsm(model, dataset, obsm, outputs, batch_size)
         return path
-    copy_obs = obs is None and isinstance(dataset, OnDiskDataset)
-    if not copy_obs:
+    copy_obs = _consecutive_on_disk(dataset) if obs is None else None
+    if copy_obs is None:
         obs = (dataset.obs if obs is None else obs).copy()
         if len(obs) != len(dataset):
             msg = f"obs has {len(obs)} rows, the dataset holds {len(dataset)} cells"
@@ -183,13 +195,13 @@ def embed_to_h5ad(
         var = pd.DataFrame(index=pd.Index([str(g) for g in dataset.var_names]))
     path.parent.mkdir(parents=True, exist_ok=True)
     # An on-disk dataset's obs goes file to file: an empty obs is written, then replaced.
-    _write_annotations(path, pd.DataFrame(index=pd.Index([], dtype=str)) if copy_obs else obs,
+    _write_annotations(path, obs if copy_obs is None else pd.DataFrame(index=pd.Index([], dtype=str)),
                        var, uns)
     try:
         with h5py.File(path, "a") as file:
-            if copy_obs:
+            if copy_obs is not None:
                 del file["obs"]
-                dataset.write_obs(file, "obs")
+                dataset.root.write_obs(file, "obs", rows=copy_obs)
             if copy_counts:
                 _copy_counts(dataset, file)
             _fill_obsm(model, dataset, file.require_group("obsm"), outputs, batch_size)

@@ -49,3 +49,18 @@ def test_copies_read_back_equal(elements, tmp_path, kind, name):
         assert (copied != expected).nnz == 0 and copied.dtype == expected.dtype
     else:
         np.testing.assert_array_equal(copied, expected)
+
+
+@pytest.mark.parametrize("kind", ["h5ad", "zarr"])
+def test_a_slice_of_rows_of_a_dataframe(elements, tmp_path, kind):
+    source = _open(tmp_path / f"source.{kind}")
+    write_elem(source, "obs", elements["obs"])
+    write_elem(source, "matrix", elements["matrix"])
+    with h5py.File(tmp_path / "target.h5ad", "w") as target:
+        copy_element(source["obs"], target, "obs", rows=slice(100, 250), step=29)
+        copied = read_elem(target["obs"])
+        with pytest.raises(ValueError, match="not in a 'csr_matrix'"):
+            copy_element(source["matrix"], target, "m", rows=slice(0, 5))
+        with pytest.raises(ValueError, match="step 1"):
+            copy_element(source["obs"], target, "o", rows=slice(0, 5, 2))
+    pd.testing.assert_frame_equal(copied, elements["obs"].iloc[100:250])

@@ -6,6 +6,7 @@ from ._checkpoint import read_checkpoint, seed_everything
 from ._convergence import ConvergenceProbe
 from ._early_stopping import EarlyStopping
 from ._guard import NonFiniteError
+from ._memory import ReleaseFreedMemory
 from ._plan import TrainingPlan
 from ._progress import train_loop_formatter
 from ._signals import TrainingInterrupted
@@ -30,6 +31,7 @@ __all__ = [
     "GraphBatchSource",
     "MiniBatchSource",
     "NonFiniteError",
+    "ReleaseFreedMemory",
     "Shard",
     "SubgraphSource",
     "Trainer",

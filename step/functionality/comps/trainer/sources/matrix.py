@@ -84,6 +84,9 @@ class MiniBatchSource(BatchSource):
                 ids = getattr(getattr(loader, "dataset", None), "indices", None)
                 if ids is not None:
                     ddp.check_same(f"{part} cells", ids)
+                if _is_index_loader(loader):
+                    # whole cached blocks would hold other processes' rows: read only ours
+                    loader.dataset.root.set_read_blocks(None)
         if self.cache_on_device:
             for loader in (self.train_loader, self.valid_loader):
                 if loader is not None and id(loader) not in self._caches:
