@@ -147,13 +147,10 @@ class BlockBatchSampler(IndexBatchSampler):
         self.buffer_blocks = _check_positive(buffer_blocks, "buffer_blocks")
         super().__init__(n, batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed)
 
-    def order(self) -> np.ndarray:
-        """One epoch's order of all positions (draws from ``generator``)."""
-        if not self.shuffle:
-            return np.arange(self.n, dtype=np.int64)
+    def _buffers(self) -> Iterator[np.ndarray]:
+        """The shuffled rows of each buffer in turn (draws from ``generator``)."""
         n_blocks = -(-self.n // self.block_size)
         blocks = torch.randperm(n_blocks, generator=self.generator).numpy()
-        pieces = []
         for start in range(0, n_blocks, self.buffer_blocks):
             rows = np.concatenate(
                 [
@@ -162,5 +159,30 @@ class BlockBatchSampler(IndexBatchSampler):
                 ]
             )
             perm = torch.randperm(rows.size, generator=self.generator).numpy()
-            pieces.append(rows[perm])
-        return np.concatenate(pieces)
+            yield rows[perm]
+
+    def order(self) -> np.ndarray:
+        """One epoch's order of all positions (draws from ``generator``)."""
+        if not self.shuffle:
+            return np.arange(self.n, dtype=np.int64)
+        return np.concatenate(list(self._buffers()))
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        # The batches of order(), cut buffer by buffer: an epoch over many millions of
+        # rows never holds its whole order in memory.
+        if not self.shuffle:
+            yield from super().__iter__()
+            return
+        remaining = len(self) * self.batch_size
+        carry = np.empty(0, dtype=np.int64)
+        for rows in self._buffers():
+            pending = np.concatenate([carry, rows]) if carry.size else rows
+            full = pending.size - pending.size % self.batch_size
+            for start in range(0, full, self.batch_size):
+                if remaining <= 0:
+                    return
+                yield pending[start : start + self.batch_size]
+                remaining -= self.batch_size
+            carry = pending[full:]
+        if carry.size and remaining > 0:
+            yield carry

@@ -101,6 +101,24 @@ def test_block_sampler_covers_every_row_once_in_random_blocks():
     assert len(list(BlockBatchSampler(n, bs, block_size=50, drop_last=True))) == n // bs
 
 
+@pytest.mark.parametrize(("n", "bs", "block", "buffer", "drop_last"),
+                         [(1000, 64, 50, 4, False), (1000, 64, 50, 4, True), (97, 10, 7, 3, False),
+                          (97, 10, 7, 3, True), (64, 64, 8, 2, False), (5, 16, 2, 1, False)])
+def test_block_sampler_streams_the_cuts_of_its_epoch_order(n, bs, block, buffer, drop_last):
+    """Batches come buffer by buffer, equal to cutting the whole epoch's order."""
+    streamed = BlockBatchSampler(n, bs, block_size=block, buffer_blocks=buffer,
+                                 drop_last=drop_last, seed=3)
+    whole = BlockBatchSampler(n, bs, block_size=block, buffer_blocks=buffer,
+                              drop_last=drop_last, seed=3)
+    for _ in range(2):  # two epochs: the generator advances the same way
+        batches, order = list(streamed), whole.order()
+        assert len(batches) == len(streamed)
+        expected = [order[i:i + bs] for i in range(0, len(streamed) * bs, bs)][:len(streamed)]
+        assert len(batches) == len(expected)
+        for got, want in zip(batches, expected, strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
 def test_block_sampler_is_reproducible_from_its_generator():
     a = BlockBatchSampler(300, 32, block_size=16, seed=5)
     b = BlockBatchSampler(300, 32, block_size=16, seed=5)
