@@ -129,15 +129,24 @@ def _knn_torch_cluster(
     return order_t[pair[0]].numpy(), order_t[pair[1]].numpy()
 
 
-def _symmetric_coalesced(src: np.ndarray, dst: np.ndarray, n: int) -> torch.Tensor:
-    """Both directions of every pair, one self-loop per node, sorted, no duplicates."""
+def _pair_keys(src: np.ndarray, dst: np.ndarray, n: int) -> np.ndarray:
+    """``src * n + dst`` and ``dst * n + src`` of every pair: both directions as int64 keys."""
     n64 = np.int64(n)
-    keys = np.empty(2 * src.size + n, dtype=np.int64)
+    keys = np.empty(2 * src.size, dtype=np.int64)
     np.multiply(src, n64, out=keys[: src.size])
     keys[: src.size] += dst
-    np.multiply(dst, n64, out=keys[src.size : 2 * src.size])
-    keys[src.size : 2 * src.size] += src
-    np.multiply(np.arange(n, dtype=np.int64), n64 + 1, out=keys[2 * src.size :])
+    np.multiply(dst, n64, out=keys[src.size :])
+    keys[src.size :] += src
+    return keys
+
+
+def _coalesced_from_keys(parts: list[np.ndarray], n: int) -> torch.Tensor:
+    """Edge index from the pair keys of ``parts`` (emptied as they are used) plus one
+    self-loop per node: sorted, no duplicates."""
+    n64 = np.int64(n)
+    parts.append(np.arange(n, dtype=np.int64) * (n64 + 1))
+    keys = np.concatenate(parts)
+    parts.clear()  # the pieces are copied: free them before sorting
     # A plain sort and a neighbour comparison: np.unique is far slower than
     # this on large int64 arrays with some NumPy releases.
     keys.sort()
@@ -145,11 +154,17 @@ def _symmetric_coalesced(src: np.ndarray, dst: np.ndarray, n: int) -> torch.Tens
     first[0] = True
     np.not_equal(keys[1:], keys[:-1], out=first[1:])
     keys = keys[first]
+    del first
     out = np.empty((2, keys.size), dtype=np.int64)
     np.floor_divide(keys, n64, out=out[0])
     np.multiply(out[0], n64, out=out[1])
     np.subtract(keys, out[1], out=out[1])
     return torch.from_numpy(out)
+
+
+def _symmetric_coalesced(src: np.ndarray, dst: np.ndarray, n: int) -> torch.Tensor:
+    """Both directions of every pair, one self-loop per node, sorted, no duplicates."""
+    return _coalesced_from_keys([_pair_keys(src, dst, n)], n)
 
 
 def build_spatial_graph(
@@ -243,13 +258,12 @@ def build_spatial_graph(
         return _symmetric_coalesced(src, dst, n)
 
     bounds = np.concatenate([[0], np.cumsum(np.bincount(codes))])
-    srcs, dsts = [], []
+    parts = []  # one section's pair keys at a time: its pairs are freed at once
     for start, stop in itertools.pairwise(bounds):
         idx = order[start:stop]
         s, d = _section_pairs(pts[idx], method, k, radius)
-        srcs.append(idx[s])
-        dsts.append(idx[d])
-    return _symmetric_coalesced(np.concatenate(srcs), np.concatenate(dsts), n)
+        parts.append(_pair_keys(idx[s], idx[d], n))
+    return _coalesced_from_keys(parts, n)
 
 
 def graph_from_adata(
