@@ -34,7 +34,7 @@ extensions = [
 nitpicky = True
 _EXTERNAL = (
     "torch", "torch_geometric", "numpy", "np", "pandas", "anndata", "scipy", "scanpy",
-    "collections", "os", "pathlib",
+    "collections", "os", "pathlib", "h5py",
 )
 nitpick_ignore_regex = [
     (r"py:.*", rf"({'|'.join(_EXTERNAL)})\..+"),

@@ -16,7 +16,7 @@ are matched by gene name to one gene order (the first file's unless ``genes`` is
 given). A file that lacks some of the genes is refused with the list of what it lacks.
 Only gene names, per-cell totals, row pointers, the batch and class codes and (with
 ``spatial_key``) the coordinates are kept in memory; obs and the cell names are read
-from the files when asked for (:attr:`OnDiskDataset.obs`, ``obs_names``) and copied
+from the files when asked for (``OnDiskDataset.obs``, ``obs_names``) and copied
 file to file into results (:meth:`OnDiskDataset.write_obs`).
 """
 

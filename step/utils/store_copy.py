@@ -1,7 +1,7 @@
 """Copying anndata elements (obs tables, sparse matrices) from an ``.h5ad`` file or a
 ``.zarr`` store into an ``.h5ad`` file without reading them into memory whole.
 
-HDF5 sources are copied by HDF5 itself (:meth:`h5py.Group.copy`); zarr sources are
+HDF5 sources are copied by HDF5 itself (``h5py.Group.copy``); zarr sources are
 walked group by group and their arrays copied a slice of rows at a time, with their
 anndata encoding attributes, so :func:`anndata.io.read_elem` reads the copy as it
 reads the source.
