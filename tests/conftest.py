@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import anndata as ad
 import pytest
 
@@ -30,3 +32,19 @@ def _spatial_session() -> ad.AnnData:
 def spatial_counts(_spatial_session: ad.AnnData) -> ad.AnnData:
     """Multi-section spatial data built from real PBMCs with known domains."""
     return _spatial_session.copy()
+
+
+def _write_store(adata: ad.AnnData, path) -> str:
+    """Write ``adata`` to ``path`` (``.zarr``: a zarr store, else ``.h5ad``); return the path."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adata.write_zarr(path) if str(path).endswith(".zarr") else adata.write_h5ad(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def write_store() -> Callable[[ad.AnnData, object], str]:
+    """The function that writes an AnnData to an ``.h5ad`` file or ``.zarr`` store."""
+    return _write_store

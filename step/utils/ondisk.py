@@ -35,7 +35,7 @@ import scipy.sparse as sp
 
 from step._constants import MODES
 from step.utils.block_cache import RowBlockCache
-from step.utils.dataset import BaseDataset, _read_only
+from step.utils.dataset import BaseDataset
 from step.utils.row_runs import read_rows
 from step.utils.store_copy import copy_element
 from step.utils.validation import check_counts
@@ -340,7 +340,8 @@ class OnDiskDataset(BaseDataset):
                 msg = f"obs has {len(obs)} rows, the files hold {self._n_obs} cells"
                 raise ValueError(msg)
             self._given_obs = obs.copy()
-        self._library = _read_only(self._scan())
+        self._library = self._scan()
+        self._library.flags.writeable = False
         self._warn_empty_cells()
         obsm = {}
         if spatial_key is not None:

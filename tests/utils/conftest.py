@@ -65,19 +65,3 @@ def small_counts(pbmc_counts) -> ad.AnnData:
     a.obsm["spatial"] = rng.random((a.n_obs, 2)) * 10
     a.uns["note"] = {"kept": 1}
     return a
-
-
-def _write_store(adata: ad.AnnData, path) -> str:
-    """Write ``adata`` to ``path`` (``.zarr``: a zarr store, else ``.h5ad``); return the path."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        adata.write_zarr(path) if str(path).endswith(".zarr") else adata.write_h5ad(path)
-    return str(path)
-
-
-@pytest.fixture(scope="session")
-def write_store() -> Callable[[ad.AnnData, object], str]:
-    """The function that writes an AnnData to an ``.h5ad`` file or ``.zarr`` store."""
-    return _write_store

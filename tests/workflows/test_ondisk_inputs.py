@@ -5,7 +5,6 @@ training."""
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -23,18 +22,8 @@ from step.workflows import scModel
 TINY = {"hidden_dim": 16, "n_modules": 8, "module_dim": 8, "dropout": 0.0}
 
 
-def _write(adata: ad.AnnData, path: Path) -> str:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if path.suffix == ".zarr":
-            adata.write_zarr(path)
-        else:
-            adata.write_h5ad(path)
-    return str(path)
-
-
 @pytest.fixture
-def two_files(pbmc_counts: ad.AnnData, tmp_path: Path):
+def two_files(pbmc_counts: ad.AnnData, tmp_path: Path, write_store):
     """The PBMCs split into an .h5ad file (genes as stored) and a .zarr store (genes
     reversed, one extra gene), with the concatenated data in memory."""
     adata = pbmc_counts.copy()
@@ -45,7 +34,7 @@ def two_files(pbmc_counts: ad.AnnData, tmp_path: Path):
                        obs=shuffled.obs[[]], var=pd.DataFrame(index=["EXTRA"]))
     shuffled = ad.concat([shuffled, extra], axis=1, merge="first")
     shuffled.obs = second.obs.copy()
-    paths = [_write(first, tmp_path / "first.h5ad"), _write(shuffled, tmp_path / "second.zarr")]
+    paths = [write_store(first, tmp_path / "first.h5ad"), write_store(shuffled, tmp_path / "second.zarr")]
     return paths, adata
 
 
@@ -69,9 +58,10 @@ def test_a_collection_of_an_h5ad_and_a_zarr_trains_like_the_data_in_memory(two_f
 
 
 @pytest.mark.parametrize("kind", ["h5ad", "zarr"])
-def test_a_path_is_read_from_disk(pbmc_counts: ad.AnnData, tmp_path: Path, kind: str):
+def test_a_path_is_read_from_disk(pbmc_counts: ad.AnnData, tmp_path: Path, kind: str,
+                                  write_store):
     adata = pbmc_counts[:300].copy()
-    path = _write(adata, tmp_path / f"cells.{kind}")
+    path = write_store(adata, tmp_path / f"cells.{kind}")
     model = scModel(path, **TINY)
     assert isinstance(model.dataset, OnDiskDataset) and model.dataset.files == [Path(path)]
     model.run(epochs=1, verbose=False)
@@ -83,9 +73,9 @@ def test_a_path_is_read_from_disk(pbmc_counts: ad.AnnData, tmp_path: Path, kind:
 
 @pytest.mark.parametrize("batch_key", [None, "phase"])
 @pytest.mark.parametrize("n_top_genes", [50, 300])
-def test_streaming_gene_selection_equals_the_in_memory_selection(pbmc_counts, tmp_path,
+def test_streaming_gene_selection_equals_the_in_memory_selection(pbmc_counts, tmp_path, write_store,
                                                                  batch_key, n_top_genes):
-    path = _write(pbmc_counts, tmp_path / "pbmc.h5ad")
+    path = write_store(pbmc_counts, tmp_path / "pbmc.h5ad")
     in_memory = prepare_counts(pbmc_counts, n_top_genes=n_top_genes, batch_key=batch_key,
                                flavor="seurat")
     dataset = OnDiskDataset(path)
@@ -107,9 +97,9 @@ def test_given_genes_are_used_in_their_order(two_files):
         assert model.genes == genes and model.dataset.n_genes == 4
 
 
-def test_repeated_cell_names_across_files_are_refused(pbmc_counts, tmp_path):
-    one = _write(pbmc_counts[:100].copy(), tmp_path / "one.h5ad")
-    again = _write(pbmc_counts[50:150].copy(), tmp_path / "again.zarr")
+def test_repeated_cell_names_across_files_are_refused(pbmc_counts, tmp_path, write_store):
+    one = write_store(pbmc_counts[:100].copy(), tmp_path / "one.h5ad")
+    again = write_store(pbmc_counts[50:150].copy(), tmp_path / "again.zarr")
     with pytest.raises(ValueError, match="repeat within or across the files") as err:
         scModel([one, again], **TINY)
     assert "one.h5ad" in str(err.value) and "again.zarr" in str(err.value)
@@ -126,10 +116,11 @@ class _Truncate:
             os.truncate(self.path, 4096)
 
 
-def test_a_file_truncated_while_training_is_named_and_the_run_resumes(pbmc_counts, tmp_path):
+def test_a_file_truncated_while_training_is_named_and_the_run_resumes(pbmc_counts, tmp_path,
+                                                                     write_store):
     adata = pbmc_counts[:320].copy()
     original = tmp_path / "original.h5ad"
-    _write(adata, original)
+    write_store(adata, original)
     path = tmp_path / "cells.h5ad"
     path.write_bytes(original.read_bytes())
     kw = {"epochs": 4, "batch_size": 32, "verbose": False}
