@@ -716,8 +716,8 @@ def index_loader(
         shuffles contiguous blocks of that many rows and rows within buffers of
         ``buffer_blocks`` blocks (:class:`~step.utils.block_sampler.BlockBatchSampler`),
         so each batch reads few contiguous ranges of an on-disk matrix. The dataset is
-        also told to read whole blocks of that many rows and keep a buffer's worth in
-        memory (:meth:`BaseDataset.set_read_blocks`), so a block is read from disk once
+        also told to read whole blocks of that many rows and keep about two buffers' worth
+        in memory (:meth:`BaseDataset.set_read_blocks`), so a block is read from disk once
         per epoch, not once per batch that touches it.
     buffer_blocks
         Blocks shuffled together when ``block_size`` is set.
@@ -751,8 +751,9 @@ def index_loader(
             drop_last=drop_last,
             seed=seed,
         )
-        # Each block of positions spans about n_root / n_view rows of the root, so the
-        # cache holds a buffer's worth of blocks whatever fraction of rows the view has.
+        # A block of positions spans about n_root / n_view rows of the root (and so that
+        # many aligned blocks, plus one): the cache holds one buffer and the next, the
+        # two a batch may straddle, whatever fraction of rows the view has.
         spread = -(-len(dataset.root) // len(dataset)) + 1
         dataset.root.set_read_blocks(block_size, (buffer_blocks + 1) * spread)
     return DataLoader(
