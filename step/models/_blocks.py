@@ -36,10 +36,15 @@ _LOGVAR_RANGE = (-15.0, 10.0)
 
 
 class FastDropout(nn.Module):
-    """Inverted dropout drawing its mask from ``torch.rand``.
+    """Inverted dropout with a mask that is cheap to draw on CPUs.
 
-    Same semantics as :class:`torch.nn.Dropout`, but on CPUs the uniform draw
-    is about twice as fast as the Bernoulli sampler that ``nn.Dropout`` uses.
+    Same semantics as :class:`torch.nn.Dropout`. On CPUs each random 64-bit
+    integer gives the decisions of four elements (16 bits each), which costs
+    about a quarter of the uniform draw (and a tenth of the Bernoulli sampler)
+    that the mask would otherwise need. The drop probability is then ``p``
+    rounded to a multiple of ``2**-16`` (at most ``8e-6`` away), and the kept
+    elements are scaled by the exact inverse of the resulting keep probability,
+    so the output stays unbiased. Other devices draw uniforms.
 
     Parameters
     ----------
@@ -53,16 +58,24 @@ class FastDropout(nn.Module):
             msg = f"dropout probability must lie in [0, 1), got {p!r}"
             raise ValueError(msg)
         self.p = float(p)
+        dropped = min(round(self.p * 65536), 65535)
+        # A 16-bit chunk read as a signed integer is kept when it is >= this.
+        self._threshold = dropped - 32768
+        self._scale = 65536.0 / (65536 - dropped)
 
     def forward(self, x: Tensor) -> Tensor:
         """Zero elements with probability ``p`` and rescale the rest (training only)."""
         if not self.training or self.p == 0.0:
             return x
-        # Drawn in float32 whatever the activation dtype, so that low-precision
-        # uniforms cannot bias the keep probability.
-        keep = torch.rand(x.shape, device=x.device).ge_(self.p)
-        keep = keep.mul_(1.0 / (1.0 - self.p)).to(x.dtype)
-        return x * keep
+        if x.device.type != "cpu":
+            # Drawn in float32 whatever the activation dtype, so that
+            # low-precision uniforms cannot bias the keep probability.
+            keep = torch.rand(x.shape, device=x.device).ge_(self.p)
+            return x * keep.mul_(1.0 / (1.0 - self.p)).to(x.dtype)
+        n = x.numel()
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None)
+        keep = bits.view(torch.int16)[:n].view(x.shape) >= self._threshold
+        return x * torch.where(keep, self._scale, 0.0).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

@@ -146,6 +146,26 @@ def test_fast_dropout_matches_dropout_semantics() -> None:
         FastDropout(1.0)
 
 
+def test_fast_dropout_mask_has_independent_elements() -> None:
+    # Four elements share one 64-bit draw: every position within a draw must be kept at
+    # the same rate, and neighbours must not be correlated.
+    torch.manual_seed(1)
+    drop = FastDropout(0.1)
+    x = torch.ones(4 * 100_001 + 3, requires_grad=True)
+    out = drop(x)
+    kept = (out != 0).float()
+    by_position = kept[: 4 * 100_001].view(-1, 4).mean(0)
+    assert torch.all((by_position - 0.9).abs() < 0.004), by_position
+    centred = kept - kept.mean()
+    corr = (centred[1:] * centred[:-1]).mean() / centred.square().mean()
+    assert abs(corr.item()) < 0.01
+    assert abs(out.mean().item() - 1.0) < 0.01
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, out.detach())
+    torch.manual_seed(1)
+    torch.testing.assert_close(drop(torch.ones_like(x)), out.detach())
+
+
 def test_transformer_encoder_is_batch_first_pre_norm() -> None:
     enc = transformer_encoder(16, n_layers=2, n_heads=4, dropout=0.1)
     assert isinstance(enc, torch.nn.TransformerEncoder)
