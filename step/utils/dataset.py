@@ -31,6 +31,11 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+try:  # anndata >= 0.11
+    from anndata.io import write_elem
+except ImportError:  # pragma: no cover - older anndata
+    from anndata.experimental import write_elem
+
 from step._constants import ITEM_KEYS, MODES
 from step.utils.block_sampler import BlockBatchSampler, IndexBatchSampler
 from step.utils.validation import (
@@ -356,6 +361,40 @@ class BaseDataset(Dataset):
         root = self.root
         names = root._all_obs_names()
         return names if root is self else names[self.indices]
+
+    def _write_root_obs(self, target: Any, name: str, rows: slice) -> None:
+        """Write obs rows ``rows`` of the root as ``target[name]`` (root datasets only)."""
+        write_elem(target, name, self._all_obs().iloc[rows])
+
+    def write_obs(self, target: Any, name: str = "obs", *, rows: slice | None = None) -> None:
+        """Write the obs of this dataset's items into the HDF5 group ``target`` as ``target[name]``.
+
+        Items that are consecutive cells of the root (the whole root, or a view of one
+        run of its cells) are written by the root, which for
+        :class:`~step.utils.ondisk.OnDiskDataset` copies them from store to store without
+        reading the whole obs into memory. Other views write their obs rows from memory.
+
+        Parameters
+        ----------
+        target
+            An open HDF5 group (e.g. an ``h5py.File``); ``name`` must not exist in it.
+        name
+            Name of the element written.
+        rows
+            A slice of consecutive items of this dataset (step 1) to write instead of all.
+        """
+        positions = np.arange(len(self))
+        if rows is not None:
+            if not isinstance(rows, slice) or rows.step not in (None, 1):
+                msg = f"rows must be a slice with step 1, got {rows!r}"
+                raise ValueError(msg)
+            positions = positions[rows]
+        root = self.root
+        cells = positions if root is self else np.asarray(self.indices)[positions]
+        if cells.size and np.array_equal(cells, np.arange(cells[0], cells[0] + cells.size)):
+            root._write_root_obs(target, name, slice(int(cells[0]), int(cells[0]) + cells.size))
+        else:
+            write_elem(target, name, root._all_obs().iloc[cells])
 
     @property
     def obs(self) -> pd.DataFrame:

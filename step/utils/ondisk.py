@@ -17,7 +17,7 @@ given). A file that lacks some of the genes is refused with the list of what it 
 Only gene names, per-cell totals, row pointers, the batch and class codes and (with
 ``spatial_key``) the coordinates are kept in memory; obs and the cell names are read
 from the files when asked for (``OnDiskDataset.obs``, ``obs_names``) and copied
-file to file into results (:meth:`OnDiskDataset.write_obs`).
+file to file into results (:meth:`~step.utils.dataset.BaseDataset.write_obs`).
 """
 
 from __future__ import annotations
@@ -489,27 +489,13 @@ class OnDiskDataset(BaseDataset):
         frames = [f.read_obs() for f in self._files]
         return frames[0] if len(frames) == 1 else pd.concat(frames, axis=0)
 
-    def write_obs(self, target: Any, name: str = "obs", *, rows: slice | None = None) -> None:
-        """Write the obs of this dataset's cells into the HDF5 group ``target`` as ``target[name]``.
-
-        The obs of one file is copied from store to store, a slice at a time, never
-        whole through memory; the obs of several files (concatenated) or given as
-        ``obs=`` is written from memory.
-
-        Parameters
-        ----------
-        target
-            An open HDF5 group (e.g. an ``h5py.File``); ``name`` must not exist in it.
-        name
-            Name of the element written.
-        rows
-            A slice of consecutive cells (step 1) to write instead of all.
-        """
+    def _write_root_obs(self, target: Any, name: str, rows: slice) -> None:
+        # The obs of one file is copied store to store, a slice at a time; the obs of
+        # several files (concatenated) or given as ``obs=`` is written from memory.
         if self._given_obs is None and len(self._files) == 1:
             copy_element(self._files[0].store["obs"], target, name, rows=rows)
         else:
-            obs = self._all_obs()
-            write_elem(target, name, obs if rows is None else obs.iloc[rows])
+            write_elem(target, name, self._all_obs().iloc[rows])
 
     def _dense_rows(self, rows: np.ndarray) -> np.ndarray:
         return self._csr_rows(rows).toarray()

@@ -21,13 +21,12 @@ import pandas as pd
 import torch
 
 from step.utils.dataset import BaseDataset, index_loader
-from step.utils.ondisk import OnDiskDataset
 from step.utils.store_copy import copy_element
 
 try:  # anndata >= 0.11
-    from anndata.io import read_elem
+    from anndata.io import read_elem, write_elem
 except ImportError:  # pragma: no cover - older anndata
-    from anndata.experimental import read_elem
+    from anndata.experimental import read_elem, write_elem
 
 __all__ = ["embed_to_h5ad"]
 
@@ -91,18 +90,6 @@ def _copy_counts(dataset: BaseDataset, target: h5py.File) -> None:
         copy_element(source[element], destination, name)
 
 
-def _consecutive_on_disk(dataset: BaseDataset) -> slice | None:
-    """The rows of an on-disk dataset (or view) whose cells are consecutive, else ``None``."""
-    if not isinstance(dataset.root, OnDiskDataset):
-        return None
-    if dataset.root is dataset:
-        return slice(0, len(dataset))
-    rows = dataset.indices
-    if rows.size and np.array_equal(rows, np.arange(rows[0], rows[0] + rows.size)):
-        return slice(int(rows[0]), int(rows[0]) + rows.size)
-    return None
-
-
 def _device_of(model: torch.nn.Module) -> torch.device:
     for tensor in model.parameters():
         return tensor.device
@@ -146,7 +133,7 @@ def embed_to_h5ad(
         Annotations written beside the embedding; by default the dataset's ``obs`` and
         its genes as ``var``, no ``uns``. The obs of an
         :class:`~step.utils.ondisk.OnDiskDataset` is copied from its file
-        (:meth:`~step.utils.ondisk.OnDiskDataset.write_obs`), not held in memory.
+        (:meth:`~step.utils.dataset.BaseDataset.write_obs`), not held in memory.
     copy_counts
         Also copy the counts of the dataset's file (``X`` or the dataset's layer) into
         the result file, from store to store. Needs an on-disk dataset over one file
@@ -185,23 +172,22 @@ def embed_to_h5ad(
                     del obsm[key]
             _fill_obsm(model, dataset, obsm, outputs, batch_size)
         return path
-    copy_obs = _consecutive_on_disk(dataset) if obs is None else None
-    if copy_obs is None:
-        obs = (dataset.obs if obs is None else obs).copy()
-        if len(obs) != len(dataset):
-            msg = f"obs has {len(obs)} rows, the dataset holds {len(dataset)} cells"
-            raise ValueError(msg)
+    if obs is not None and len(obs) != len(dataset):
+        msg = f"obs has {len(obs)} rows, the dataset holds {len(dataset)} cells"
+        raise ValueError(msg)
     if var is None:
         var = pd.DataFrame(index=pd.Index([str(g) for g in dataset.var_names]))
     path.parent.mkdir(parents=True, exist_ok=True)
-    # An on-disk dataset's obs goes file to file: an empty obs is written, then replaced.
-    _write_annotations(path, obs if copy_obs is None else pd.DataFrame(index=pd.Index([], dtype=str)),
-                       var, uns)
+    # A skeleton with an empty obs, whose obs is then written by the dataset (an
+    # on-disk one copies it file to file) or from the given frame.
+    _write_annotations(path, pd.DataFrame(index=pd.Index([], dtype=str)), var, uns)
     try:
         with h5py.File(path, "a") as file:
-            if copy_obs is not None:
-                del file["obs"]
-                dataset.root.write_obs(file, "obs", rows=copy_obs)
+            del file["obs"]
+            if obs is None:
+                dataset.write_obs(file, "obs")
+            else:
+                write_elem(file, "obs", obs.set_axis(obs.index.astype(str)))
             if copy_counts:
                 _copy_counts(dataset, file)
             _fill_obsm(model, dataset, file.require_group("obsm"), outputs, batch_size)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import anndata as ad
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
@@ -34,6 +35,24 @@ def trained(pbmc_files):
     model = scModel(adata, seed=0, **SMALL)
     model.run(epochs=2, batch_size=64, verbose=False)
     return model, adata.obsm["X_rep"]
+
+
+@pytest.mark.parametrize("source", ["memory", "h5ad", "zarr"])
+def test_write_obs_of_roots_and_views_matches_their_obs(pbmc_files, tmp_path, source):
+    adata = pbmc_files[0]
+    dataset = ScDataset(adata) if source == "memory" else \
+        OnDiskDataset(pbmc_files[1 if source == "h5ad" else 2])
+    views = {"root": (dataset, None), "consecutive": (dataset.subset(np.arange(100, 350)), None),
+             "scattered": (dataset.subset(np.arange(0, 700, 7)), None),
+             "rows of a view": (dataset.subset(np.arange(50, 650)), slice(20, 90))}
+    with h5py.File(tmp_path / "obs.h5", "w") as file:
+        for name, (view, rows) in views.items():
+            view.write_obs(file, name, rows=rows)
+        with pytest.raises(ValueError, match="step 1"):
+            dataset.write_obs(file, "bad", rows=slice(0, 10, 2))
+        for name, (view, rows) in views.items():
+            expected = view.obs if rows is None else view.obs.iloc[rows]
+            pd.testing.assert_frame_equal(ad.io.read_elem(file[name]), expected)
 
 
 @pytest.mark.parametrize("kind", [1, 2])
