@@ -236,7 +236,10 @@ def _interrupt_when_checkpointed(argv: list[str], checkpoint: Path) -> str:
     """Run ``python -m step.cli argv``, send SIGINT once ``checkpoint`` exists; stderr."""
     proc = subprocess.Popen([sys.executable, "-m", "step.cli", *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            # a suite started in the background of a non-interactive shell
+                            # inherits SIGINT as ignored; the child must see Ctrl-C
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while not checkpoint.exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.5)

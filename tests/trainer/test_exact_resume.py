@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,13 @@ def _run(loop: str, out: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, str(SCRIPT), "--loop", loop, "--epochs", str(EPOCHS),
                            "--out", str(out), *map(str, args)], env=env, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    # A suite started in the background of a non-interactive shell inherits SIGINT as
+    # ignored; the child must see Ctrl-C as a user's run does.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _load(path: Path) -> dict:
