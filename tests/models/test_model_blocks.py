@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from step.models._blocks import (
+    _NarrowHeadAttention,
     AnchorClassifier,
     CountDecoder,
     FastDropout,
@@ -175,7 +176,7 @@ def test_transformer_encoder_is_batch_first_pre_norm() -> None:
     assert enc(torch.randn(3, 9, 16)).shape == (3, 9, 16)
 
 
-@pytest.mark.parametrize("heads", [1, 8])
+@pytest.mark.parametrize("heads", [1, 4, 8, 16])
 def test_cpu_attention_matches_pytorch_attention(heads: int) -> None:
     """The encoder's matmul attention on CPUs gives the outputs and gradients of PyTorch's
     own attention with the same weights."""
@@ -197,7 +198,17 @@ def test_cpu_attention_matches_pytorch_attention(heads: int) -> None:
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
-    # under bf16 autocast the attention weights are normalised in float32
+    # under bf16 autocast the attention weights are normalised in float32 (the narrow-head
+    # function is for float32 only)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = ours(x)
     torch.testing.assert_close(low.float(), results[1][0], rtol=0.1, atol=0.1)
+
+
+def test_narrow_head_attention_gradients_are_exact() -> None:
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(6, 9, 4, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    torch.autograd.gradcheck(lambda *t: _NarrowHeadAttention.apply(*t, 0.5), (q, k, v))
+    expected = torch.softmax(q @ k.transpose(1, 2) * 0.5, -1) @ v
+    torch.testing.assert_close(_NarrowHeadAttention.apply(q, k, v, 0.5), expected)
