@@ -53,9 +53,23 @@ class scModel(Workflow):  # noqa: N801 - the name users know from STEP
     genes
         Train on these genes only, in this order (every one must be in the data);
         ``n_top_genes`` then selects among them. ``None`` uses every gene.
-    hidden_dim, n_modules, module_dim, n_layers, likelihood
+    hidden_dim, n_modules, module_dim, n_layers
         Architecture of :class:`~step.models.TranscriptFormer` (width, gene-module tokens,
-        token size, transformer layers, ``"zinb"``/``"nb"``/``"poisson"``).
+        token size, transformer layers).
+    latent_dim
+        Size of the embedding ``X_rep``.
+    likelihood
+        Count likelihood: ``"nb"``, ``"zinb"`` or ``"poisson"``.
+
+        The defaults, a 16-dimensional latent space and a negative binomial likelihood
+        (rather than the model's 64 dimensions, the transformer width, and a
+        zero-inflated one), come from ``benchmarks/quality_tuning.py``: on the PBMC
+        counts, over three seeds, Leiden clusters of ``X_rep`` matched the cell labels
+        better at a fixed resolution (ARI against ``bulk_labels`` at resolution 0.5 /
+        1.0 / 10 clusters: 0.569 / 0.390 / 0.535, against 0.409 / 0.344 / 0.450 before).
+        With 64 dimensions nearly all of the embedding's variance sat in a handful of
+        directions, and a smaller latent space helped with either likelihood; UMI counts
+        need no zero inflation, and without it the 10-cluster agreement rose most.
     kl_weight
         Weight of the KL term. 0.1 (rather than the model's 1.0) gave clusters that match
         the PBMC cell labels better (Leiden ARI against ``bulk_labels`` over three seeds:
@@ -68,7 +82,7 @@ class scModel(Workflow):  # noqa: N801 - the name users know from STEP
         :class:`torch.device`.
     **model_kw
         Other :class:`~step.models.TranscriptFormer` arguments (``n_heads``, ``dropout``,
-        ``latent_dim``, ``dispersion``, ``free_bits``, ...).
+        ``dispersion``, ``free_bits``, ...).
 
     Examples
     --------
@@ -97,7 +111,8 @@ class scModel(Workflow):  # noqa: N801 - the name users know from STEP
         n_modules: int = 32,
         module_dim: int = 30,
         n_layers: int = 2,
-        likelihood: str = "zinb",
+        latent_dim: int = 16,
+        likelihood: str = "nb",
         kl_weight: float = 0.1,
         seed: int = 0,
         device: str | torch.device = "cpu",
@@ -107,7 +122,8 @@ class scModel(Workflow):  # noqa: N801 - the name users know from STEP
             adata, layer=layer, batch_key=batch_key, class_key=class_key,
             n_top_genes=n_top_genes, genes=genes, hidden_dim=hidden_dim, n_modules=n_modules,
             module_dim=module_dim, n_layers=n_layers, likelihood=likelihood, seed=seed,
-            device=device, model_kw={"kl_weight": kl_weight, **model_kw},
+            device=device, model_kw={"latent_dim": latent_dim, "kl_weight": kl_weight,
+                                     **model_kw},
         )
 
     # -------------------------------------------------------------- training
