@@ -484,6 +484,38 @@ class StepClock:
         self.times.append(time.perf_counter())
 
 
+#: Operator name fragments grouped into parts of a training step (first match wins).
+PROFILE_PARTS = (
+    ("dense matrix products (mm, addmm)", ("aten::mm", "aten::addmm")),
+    ("attention products (bmm) and softmax", ("aten::bmm", "softmax")),
+    ("graph message passing (scatter, index, sparse)", ("scatter", "index", "sparse", "gather",
+                                                         "segment")),
+    ("likelihood special functions", ("digamma", "lgamma", "polygamma")),
+    ("copies and casts", ("aten::copy_", "aten::to", "aten::clone", "contiguous", "aten::cat")),
+    ("optimizer", ("adam", "Optimizer")),
+)
+
+
+def part_of(op: str) -> str:
+    """The part of a training step (``PROFILE_PARTS``) that an operator belongs to."""
+    for part, keys in PROFILE_PARTS:
+        if any(key.lower() in op.lower() for key in keys):
+            return part
+    return "other elementwise and bookkeeping"
+
+
+def profile_parts(rows: list[dict]) -> list[dict]:
+    """Rows of :func:`profile_rows` (all of them, not a top few) summed by part of the step,
+    largest first."""
+    sums: dict[str, list[float]] = {}
+    for row in rows:
+        acc = sums.setdefault(part_of(row["op"]), [0.0, 0.0])
+        acc[0] += row["self_ms_per_step"]
+        acc[1] += row["share"]
+    return [{"part": part, "self_ms_per_step": ms, "share": share}
+            for part, (ms, share) in sorted(sums.items(), key=lambda item: -item[1][0])]
+
+
 def profile_rows(events: Any, steps: int, limit: int | None = None) -> tuple[list[dict], float]:
     """Operators of a ``torch.profiler`` run by self CPU time per step (the ``limit`` largest),
     and the total self time per step in ms."""

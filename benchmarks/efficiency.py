@@ -112,13 +112,16 @@ def profile_step(dataset: ScDataset, arch: dict[str, Any], *, amp: str | None, d
             for batch in batches:
                 step(batch)
             C.sync(device)
-    return C.profile_rows(prof.key_averages(), len(batches), PROFILE_ROWS)
+    return C.profile_rows(prof.key_averages(), len(batches))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = C.base_parser(__doc__)
     parser.add_argument("--epochs", type=int, help="training epochs per row (first excluded)")
     parser.add_argument("--profile-steps", type=int, default=12)
+    parser.add_argument("--no-bf16", action="store_true",
+                        help="skip the bf16 rows and profiles (on CPUs without native bf16 "
+                             "they are emulated and many times slower than fp32)")
     args = parser.parse_args(argv)
     C.setup(args)
     info = C.machine(args)
@@ -128,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
         datasets.append(("synthetic-5k", synthetic_counts(5_000, 2000, density=0.05,
                                                           seed=args.seed), args.epochs or 3))
     archs = [("same", C.SAME_ARCH), ("defaults", C.OUR_DEFAULTS)]
-    variants = [(None, False), (None, True), ("bf16", False), ("bf16", True)]
+    variants = [(None, False), (None, True)] + (
+        [] if args.no_bf16 else [("bf16", False), ("bf16", True)])
 
     table = C.Table("efficiency", "Training FLOP rate versus the machine's GEMM rate", [
         C.Column("dataset", "data"),
@@ -161,6 +165,12 @@ def main(argv: list[str] | None = None) -> None:
         C.Column("config", "configuration"),
         C.Column("op", "operator"),
         C.Column("calls_per_step", "calls/step", C.fmt_float(1)),
+        C.Column("self_ms_per_step", "self ms/step", C.fmt_float(2)),
+        C.Column("share", "share", lambda v: f"{100 * v:.1f} %"),
+    ])
+    parts_table = C.Table("efficiency_parts", "The same, summed by part of the step", [
+        C.Column("config", "configuration"),
+        C.Column("part", "part"),
         C.Column("self_ms_per_step", "self ms/step", C.fmt_float(2)),
         C.Column("share", "share", lambda v: f"{100 * v:.1f} %"),
     ])
@@ -216,9 +226,10 @@ def main(argv: list[str] | None = None) -> None:
                  dtype=str(dtype).replace("torch.", ""), gflops=float(np.median(rates)),
                  gflops_max=max(rates), n=len(rates))
 
-    profiles = [("fp32, 3 layers / 8 heads, as shipped", None, False),
-                ("bf16, 3 layers / 8 heads, as shipped", "bf16", False),
-                ("bf16, 3 layers / 8 heads, PyTorch attention kernel", "bf16", True)]
+    profiles = [("fp32, 3 layers / 8 heads, as shipped", None, False)]
+    if not args.no_bf16:
+        profiles += [("bf16, 3 layers / 8 heads, as shipped", "bf16", False),
+                     ("bf16, 3 layers / 8 heads, PyTorch attention kernel", "bf16", True)]
     step_ms = {}
     dataset = ScDataset(datasets[0][1])
     for config, amp, pytorch_kernel in profiles:
@@ -227,8 +238,10 @@ def main(argv: list[str] | None = None) -> None:
                                 seed=args.seed, steps=args.profile_steps,
                                 pytorch_kernel=pytorch_kernel)
         step_ms[config] = ms
-        for row in rows:
+        for row in rows[:PROFILE_ROWS]:
             profile_table.add(config=config, **row)
+        for row in C.profile_parts(rows):
+            parts_table.add(config=config, **row)
 
     table.notes = [
         "FLOPs counted for fp32 (bf16 rows do the same products); MFLOP/cell = FLOPs of one "
@@ -245,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
                            "(profiler overhead included)" for config, ms in step_ms.items()]
     intro = C.doc_intro(__doc__) + f"\n\nThreads: {args.threads}."
     C.write_report("efficiency", "Training efficiency", intro,
-                   [table, gemm, flops_table, profile_table], info, args.out)
+                   [table, gemm, flops_table, profile_table, parts_table], info, args.out)
 
 
 if __name__ == "__main__":

@@ -29,25 +29,6 @@ from step.models import TranscriptFormer
 from step.utils.dataset import StDataset
 
 ROWS = 20
-#: Operator name fragments grouped into parts of the step (first match wins).
-PARTS = (
-    ("dense matrix products (mm, addmm)", ("aten::mm", "aten::addmm")),
-    ("attention products (bmm) and softmax", ("aten::bmm", "softmax")),
-    ("graph message passing (scatter, index, sparse)", ("scatter", "index", "sparse", "gather",
-                                                         "segment")),
-    ("likelihood special functions", ("digamma", "lgamma", "polygamma")),
-    ("copies and casts", ("aten::copy_", "aten::to", "aten::clone", "contiguous", "aten::cat")),
-    ("optimizer", ("adam", "Optimizer")),
-)
-
-
-def part_of(op: str) -> str:
-    for part, keys in PARTS:
-        if any(key.lower() in op.lower() for key in keys):
-            return part
-    return "other elementwise and bookkeeping"
-
-
 def profile(args: Any, steps: int) -> tuple[list[dict], float]:
     from torch.profiler import ProfilerActivity, profile as run_profiler
 
@@ -98,13 +79,8 @@ def main(argv: list[str] | None = None) -> None:
         C.Column("self_ms_per_step", "self ms/step", C.fmt_float(2)),
         C.Column("share", "share", lambda v: f"{100 * v:.1f} %"),
     ])
-    sums: dict[str, list[float]] = {}
-    for row in rows:
-        acc = sums.setdefault(part_of(row["op"]), [0.0, 0.0])
-        acc[0] += row["self_ms_per_step"]
-        acc[1] += row["share"]
-    for part, (ms, share) in sorted(sums.items(), key=lambda item: -item[1][0]):
-        parts.add(part=part, self_ms_per_step=ms, share=share)
+    for row in C.profile_parts(rows):
+        parts.add(**row)
     intro = C.doc_intro(__doc__) + f"\n\nThreads: {args.threads}."
     C.write_report("profile_spatial", "Profile of an end-to-end spatial step", intro,
                    [ops, parts], info, args.out)

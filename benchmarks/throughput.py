@@ -105,6 +105,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="data sets to run (default: pbmc and synthetic-10k with "
                              "--quick, all three otherwise)")
     parser.add_argument("--epochs", type=int, help="epochs per run (at least 2), for all data")
+    parser.add_argument("--name", default="throughput",
+                        help="base name of the result files (default: throughput), e.g. to "
+                             "keep the tables of several machines or thread counts")
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 rows (in "
                         "--quick mode they run on the PBMC counts only)")
     parser.add_argument("--precision", choices=["auto"], help="also run rows with "
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     names = args.datasets or list(table_epochs)
     info = C.machine(args)
 
-    table = C.Table("throughput", "Training throughput (cells/s), first epoch excluded", [
+    table = C.Table(args.name, "Training throughput (cells/s), first epoch excluded", [
         C.Column("dataset", "data"),
         C.Column("n_cells", "cells", C.fmt_int),
         C.Column("n_genes", "genes", C.fmt_int),
@@ -190,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     intro = C.doc_intro(__doc__) + (
         f"\n\nThreads: {args.threads} for both tools (the machine is shared, so use one "
         "thread per process for a fair comparison of the two tools).")
-    C.write_report("throughput", "Training throughput", intro, [table], info, args.out)
+    C.write_report(args.name, "Training throughput", intro, [table], info, args.out)
 
 
 if __name__ == "__main__":
