@@ -31,13 +31,9 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-try:  # anndata >= 0.11
-    from anndata.io import write_elem
-except ImportError:  # pragma: no cover - older anndata
-    from anndata.experimental import write_elem
-
 from step._constants import ITEM_KEYS, MODES
 from step.utils.block_sampler import BlockBatchSampler, IndexBatchSampler
+from step.utils.store_copy import write_obs_frame
 from step.utils.validation import (
     check_adata,
     check_batch_size,
@@ -364,7 +360,7 @@ class BaseDataset(Dataset):
 
     def _write_root_obs(self, target: Any, name: str, rows: slice) -> None:
         """Write obs rows ``rows`` of the root as ``target[name]`` (root datasets only)."""
-        write_elem(target, name, self._all_obs().iloc[rows])
+        write_obs_frame(target, name, self._all_obs().iloc[rows])
 
     def write_obs(self, target: Any, name: str = "obs", *, rows: slice | None = None) -> None:
         """Write the obs of this dataset's items into the HDF5 group ``target`` as ``target[name]``.
@@ -394,7 +390,7 @@ class BaseDataset(Dataset):
         if cells.size and np.array_equal(cells, np.arange(cells[0], cells[0] + cells.size)):
             root._write_root_obs(target, name, slice(int(cells[0]), int(cells[0]) + cells.size))
         else:
-            write_elem(target, name, root._all_obs().iloc[cells])
+            write_obs_frame(target, name, root._all_obs().iloc[cells])
 
     @property
     def obs(self) -> pd.DataFrame:

@@ -37,13 +37,13 @@ from step._constants import MODES
 from step.utils.block_cache import RowBlockCache
 from step.utils.dataset import BaseDataset
 from step.utils.row_runs import read_rows
-from step.utils.store_copy import copy_element
+from step.utils.store_copy import copy_element, write_obs_frame
 from step.utils.validation import check_counts
 
 try:  # anndata >= 0.11
-    from anndata.io import read_elem, sparse_dataset, write_elem
+    from anndata.io import read_elem, sparse_dataset
 except ImportError:  # pragma: no cover - older anndata
-    from anndata.experimental import read_elem, sparse_dataset, write_elem
+    from anndata.experimental import read_elem, sparse_dataset
 
 __all__ = ["OnDiskDataset", "OnDiskReadError", "read_annotations"]
 
@@ -495,7 +495,7 @@ class OnDiskDataset(BaseDataset):
         if self._given_obs is None and len(self._files) == 1:
             copy_element(self._files[0].store["obs"], target, name, rows=rows)
         else:
-            write_elem(target, name, self._all_obs().iloc[rows])
+            write_obs_frame(target, name, self._all_obs().iloc[rows])
 
     def _dense_rows(self, rows: np.ndarray) -> np.ndarray:
         return self._csr_rows(rows).toarray()

@@ -1,5 +1,6 @@
 """Copying anndata elements (obs tables, sparse matrices) from an ``.h5ad`` file or a
-``.zarr`` store into an ``.h5ad`` file without reading them into memory whole.
+``.zarr`` store into an ``.h5ad`` file without reading them into memory whole, and writing
+an obs table from memory the way anndata writes one.
 
 HDF5 sources are copied by HDF5 itself (``h5py.Group.copy``); zarr sources are
 walked group by group and their arrays copied a slice of rows at a time, with their
@@ -13,8 +14,14 @@ from typing import Any
 
 import h5py
 import numpy as np
+import pandas as pd
 
-__all__ = ["copy_element"]
+try:  # anndata >= 0.11
+    from anndata.io import write_elem
+except ImportError:  # pragma: no cover - older anndata
+    from anndata.experimental import write_elem
+
+__all__ = ["copy_element", "write_obs_frame"]
 
 #: Elements (rows of a 1-d array) copied per read from a zarr store.
 COPY_ELEMENTS = 1 << 22
@@ -118,3 +125,24 @@ def copy_element(source: Any, target: h5py.Group, name: str, *, rows: slice | No
             for member in child.keys():
                 whole = categorical and member == "categories"
                 _copy_array(child[member], part, member, step, None if whole else rows)
+
+
+def write_obs_frame(target: h5py.Group, name: str, obs: pd.DataFrame) -> None:
+    """Write an obs table from memory as ``target[name]``, as ``AnnData.write_h5ad``
+    writes one: the index as strings, and string columns with fewer distinct values than
+    rows as categoricals.
+
+    Parameters
+    ----------
+    target
+        An open HDF5 group; ``name`` must not exist in it.
+    name
+        Name of the element written.
+    obs
+        The table (not modified).
+    """
+    import anndata as ad
+
+    holder = ad.AnnData(obs=obs.set_axis(obs.index.astype(str)))
+    holder.strings_to_categoricals()
+    write_elem(target, name, holder.obs)

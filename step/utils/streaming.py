@@ -21,12 +21,12 @@ import pandas as pd
 import torch
 
 from step.utils.dataset import BaseDataset, index_loader
-from step.utils.store_copy import copy_element
+from step.utils.store_copy import copy_element, write_obs_frame
 
 try:  # anndata >= 0.11
-    from anndata.io import read_elem, write_elem
+    from anndata.io import read_elem
 except ImportError:  # pragma: no cover - older anndata
-    from anndata.experimental import read_elem, write_elem
+    from anndata.experimental import read_elem
 
 __all__ = ["embed_to_h5ad"]
 
@@ -187,7 +187,7 @@ def embed_to_h5ad(
             if obs is None:
                 dataset.write_obs(file, "obs")
             else:
-                write_elem(file, "obs", obs.set_axis(obs.index.astype(str)))
+                write_obs_frame(file, "obs", obs)
             if copy_counts:
                 _copy_counts(dataset, file)
             _fill_obsm(model, dataset, file.require_group("obsm"), outputs, batch_size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import anndata as ad
 import h5py
 import numpy as np
 import pandas as pd
@@ -9,7 +10,7 @@ import pytest
 import scipy.sparse as sp
 from anndata.io import read_elem, write_elem
 
-from step.utils.store_copy import copy_element
+from step.utils.store_copy import copy_element, write_obs_frame
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +65,16 @@ def test_a_slice_of_rows_of_a_dataframe(elements, tmp_path, kind):
         with pytest.raises(ValueError, match="step 1"):
             copy_element(source["obs"], target, "o", rows=slice(0, 5, 2))
     pd.testing.assert_frame_equal(copied, elements["obs"].iloc[100:250])
+
+
+def test_write_obs_frame_writes_as_anndata_does(tmp_path):
+    obs = pd.DataFrame({"kind": ["a", "b", "a", "a"], "value": [1.0, 2.0, 3.0, 4.0],
+                        "name": ["w", "x", "y", "z"]}, index=[10, 11, 12, 13])
+    reference = ad.AnnData(obs=obs.set_axis(obs.index.astype(str)))
+    reference.write_h5ad(tmp_path / "reference.h5ad")
+    with h5py.File(tmp_path / "mine.h5", "w") as file:
+        write_obs_frame(file, "obs", obs)
+        mine = read_elem(file["obs"])
+    pd.testing.assert_frame_equal(mine, ad.read_h5ad(tmp_path / "reference.h5ad").obs)
+    assert isinstance(mine["kind"].dtype, pd.CategoricalDtype)
+    assert obs["kind"].dtype == object and list(obs.index) == [10, 11, 12, 13]
