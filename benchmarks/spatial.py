@@ -139,6 +139,8 @@ def e2e_table(args, tmp: Path) -> tuple[C.Table, list[str]]:
             ("step-kit", "same", "fp32", "saint", None),
             ("step", "defaults", "fp32", "random", None),
             ("step", "same", "bf16 autocast", "random", "bf16")]
+    if args.no_bf16:
+        runs = [run for run in runs if run[4] is None]
     if not args.quick:
         runs.append(("step", "defaults", "fp32", "neighbor", None))
     for tool, arch, precision, sampler, amp in runs:
@@ -277,6 +279,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = C.base_parser(__doc__)
     parser.add_argument("--parts", nargs="+", choices=("graph", "e2e", "domains"),
                         default=["graph", "e2e", "domains"])
+    parser.add_argument("--no-bf16", action="store_true",
+                        help="skip the bf16 end-to-end row (emulated and many times slower "
+                             "on CPUs without native bf16)")
     args = parser.parse_args(argv)
     C.setup(args)
     info = C.machine(args)
