@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from step._constants import ITEM_KEYS, MODES
 from step.utils.block_sampler import BlockBatchSampler, IndexBatchSampler
+from step.utils.row_runs import contiguous_runs
 from step.utils.store_copy import write_obs_frame
 from step.utils.validation import (
     check_adata,
@@ -379,16 +380,21 @@ class BaseDataset(Dataset):
         rows
             A slice of consecutive items of this dataset (step 1) to write instead of all.
         """
-        positions = np.arange(len(self))
-        if rows is not None:
-            if not isinstance(rows, slice) or rows.step not in (None, 1):
-                msg = f"rows must be a slice with step 1, got {rows!r}"
-                raise ValueError(msg)
-            positions = positions[rows]
+        if rows is None:
+            rows = slice(None)
+        elif not isinstance(rows, slice) or rows.step not in (None, 1):
+            msg = f"rows must be a slice with step 1, got {rows!r}"
+            raise ValueError(msg)
+        start, stop, _ = rows.indices(len(self))
+        stop = max(start, stop)
         root = self.root
-        cells = positions if root is self else np.asarray(self.indices)[positions]
-        if cells.size and np.array_equal(cells, np.arange(cells[0], cells[0] + cells.size)):
-            root._write_root_obs(target, name, slice(int(cells[0]), int(cells[0]) + cells.size))
+        if root is self:
+            self._write_root_obs(target, name, slice(start, stop))
+            return
+        cells = np.asarray(self.indices)[start:stop]
+        runs = contiguous_runs(cells)
+        if len(runs) == 1:
+            root._write_root_obs(target, name, slice(int(runs[0, 0]), int(runs[0, 1])))
         else:
             write_obs_frame(target, name, root._all_obs().iloc[cells])
 

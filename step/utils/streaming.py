@@ -33,10 +33,10 @@ __all__ = ["embed_to_h5ad"]
 PathLike = str | os.PathLike
 
 
-def _write_annotations(path: Path, obs: pd.DataFrame, var: pd.DataFrame,
-                       uns: Mapping[str, Any] | None) -> None:
-    """An ``.h5ad`` file with obs, var and uns and nothing else (no counts, empty obsm)."""
-    ad.AnnData(obs=obs, var=var, uns=dict(uns or {})).write_h5ad(path)
+def _write_skeleton(path: Path, var: pd.DataFrame, uns: Mapping[str, Any] | None) -> None:
+    """An ``.h5ad`` file with var and uns, no cells, and nothing else (its obs is replaced)."""
+    ad.AnnData(obs=pd.DataFrame(index=pd.Index([], dtype=str)), var=var,
+               uns=dict(uns or {})).write_h5ad(path)
 
 
 def _array_dataset(group: h5py.Group, key: str, n_rows: int, width: int,
@@ -178,9 +178,9 @@ def embed_to_h5ad(
     if var is None:
         var = pd.DataFrame(index=pd.Index([str(g) for g in dataset.var_names]))
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A skeleton with an empty obs, whose obs is then written by the dataset (an
-    # on-disk one copies it file to file) or from the given frame.
-    _write_annotations(path, pd.DataFrame(index=pd.Index([], dtype=str)), var, uns)
+    # The skeleton's empty obs is replaced by the dataset's (an on-disk one copies it
+    # file to file) or by the given frame.
+    _write_skeleton(path, var, uns)
     try:
         with h5py.File(path, "a") as file:
             del file["obs"]

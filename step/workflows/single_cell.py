@@ -73,8 +73,9 @@ class scModel(Workflow):  # noqa: N801 - the name users know from STEP
     kl_weight
         Weight of the KL term. 0.1 (rather than the model's 1.0) gave clusters that match
         the PBMC cell labels better (Leiden ARI against ``bulk_labels`` over three seeds:
-        0.49 instead of 0.38 at 10 clusters, 0.59 instead of 0.53 at the best resolution;
-        see ``benchmarks/quality.py``).
+        0.49 instead of 0.38 at 10 clusters, 0.59 instead of 0.53 at the best resolution,
+        measured with the earlier 64 latent dimensions and zero-inflated likelihood; see
+        ``benchmarks/quality.py``).
     seed
         Seeds the model initialisation, the split, shuffling and training.
     device

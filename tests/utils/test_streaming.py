@@ -44,7 +44,8 @@ def test_write_obs_of_roots_and_views_matches_their_obs(pbmc_files, tmp_path, so
         OnDiskDataset(pbmc_files[1 if source == "h5ad" else 2])
     views = {"root": (dataset, None), "consecutive": (dataset.subset(np.arange(100, 350)), None),
              "scattered": (dataset.subset(np.arange(0, 700, 7)), None),
-             "rows of a view": (dataset.subset(np.arange(50, 650)), slice(20, 90))}
+             "rows of a view": (dataset.subset(np.arange(50, 650)), slice(20, 90)),
+             "rows of the root": (dataset, slice(5, 40))}
     with h5py.File(tmp_path / "obs.h5", "w") as file:
         for name, (view, rows) in views.items():
             view.write_obs(file, name, rows=rows)

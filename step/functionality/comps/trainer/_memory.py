@@ -47,9 +47,10 @@ class ReleaseFreedMemory:
     Pass it to the Trainer (``Trainer(..., callbacks=[ReleaseFreedMemory()])``). After
     each optimizer step it reads the resident memory of the process; when that has
     grown by more than ``threshold_mib`` since the first step after the last release
-    (one step's working memory included), it calls glibc's ``malloc_trim``. Useful for sub-graph training on large graphs
-    (:meth:`~step.functionality.comps.trainer.Trainer.train_node_sampler`), whose
-    steps allocate tensors of varying sizes.
+    (one step's working memory included), it calls glibc's ``malloc_trim``. Useful for
+    sub-graph training on large graphs
+    (:meth:`~step.functionality.comps.trainer.Trainer.train_node_sampler`), whose steps
+    allocate tensors of varying sizes.
 
     Parameters
     ----------
