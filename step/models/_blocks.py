@@ -10,6 +10,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.nn import GCNConv
 
+from step.models._fused_attention import (
+    FUSED_HEAD_DIMS,
+    fused_attention_available,
+    fused_self_attention,
+)
 from step.models._likelihoods import (
     log_nb_from_logs,
     log_poisson_from_logs,
@@ -143,6 +148,11 @@ class _EncoderLayer(nn.TransformerEncoderLayer):
         heads = attn.num_heads
         head_dim = d // heads
         qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
+        full_precision = qkv.dtype in (torch.float32, torch.float64) \
+            and not torch.is_autocast_enabled("cpu")
+        if full_precision and head_dim in FUSED_HEAD_DIMS and fused_attention_available():
+            out = fused_self_attention(qkv, heads, head_dim**-0.5)
+            return self.dropout1(F.linear(out, attn.out_proj.weight, attn.out_proj.bias))
         qkv = qkv.view(n, t, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
         if head_dim <= NARROW_HEAD_DIM and qkv.dtype == torch.float32 \
                 and not torch.is_autocast_enabled("cpu"):
