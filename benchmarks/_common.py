@@ -487,7 +487,8 @@ class StepClock:
 #: Operator name fragments grouped into parts of a training step (first match wins).
 PROFILE_PARTS = (
     ("dense matrix products (mm, addmm)", ("aten::mm", "aten::addmm")),
-    ("attention products (bmm) and softmax", ("aten::bmm", "softmax")),
+    ("attention (fused kernel, or bmm and softmax)", ("aten::bmm", "softmax", "FusedAttention")),
+    ("feed-forward bias and GELU (fused kernel, or gelu)", ("FusedBiasGelu", "aten::gelu")),
     ("graph message passing (scatter, index, sparse)", ("scatter", "index", "sparse", "gather",
                                                          "segment")),
     ("likelihood special functions", ("digamma", "lgamma", "polygamma")),
@@ -532,9 +533,10 @@ class pytorch_attention:  # noqa: N801 - used as a context manager
     """Make the library's encoder layers use PyTorch's own attention while the context is
     active (in this process only).
 
-    On CPUs the library computes self-attention as two batched matmuls and a softmax
+    On CPUs the library computes self-attention with its fused kernel (heads of 4 or 8
+    dimensions in full precision) or as two batched matmuls and a softmax
     (``step.models._blocks._EncoderLayer``); with 33 tokens and heads of 8-16 dimensions
-    this is faster than PyTorch's CPU flash-attention kernel, above all under bf16
+    either is faster than PyTorch's CPU flash-attention kernel, above all under bf16
     autocast. This context puts the parent class's attention back, so the benchmarks can
     show the difference in the same run.
     """

@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.nn import GCNConv
 
-from step.models._fused_attention import (
+from step.models._fused import (
     FUSED_HEAD_DIMS,
-    fused_attention_available,
+    fused_bias_gelu,
+    fused_kernels_available,
     fused_self_attention,
 )
 from step.models._likelihoods import (
@@ -123,15 +124,19 @@ class _NarrowHeadAttention(torch.autograd.Function):
 
 
 class _EncoderLayer(nn.TransformerEncoderLayer):
-    """A pre-norm encoder layer whose self-attention runs as two matmuls on CPUs.
+    """A pre-norm encoder layer with faster CPU paths for short sequences.
 
-    With a few dozen tokens and heads of 8-16 dimensions, PyTorch's CPU
-    flash-attention kernel (and above all its backward) costs more than plain
-    batched matmuls and a softmax, several times more under bfloat16 autocast.
-    Heads of at most ``NARROW_HEAD_DIM`` dimensions in float32 use
-    :class:`_NarrowHeadAttention`. The parameters are those of
-    :class:`torch.nn.TransformerEncoderLayer`, so weights move freely between the
-    two. Other devices, and calls with masks, use the parent's attention.
+    In full precision (float32 or float64, no autocast) and where the fused CPU
+    kernels are built (:mod:`step.models._fused`), heads of ``FUSED_HEAD_DIMS``
+    dimensions use the fused attention kernel and the feed-forward block adds its
+    first bias inside a fused GELU. Otherwise, with a few dozen tokens and heads of
+    8-16 dimensions, PyTorch's CPU flash-attention kernel (and above all its
+    backward) costs more than plain batched matmuls and a softmax, several times
+    more under bfloat16 autocast, so attention runs as those; heads of at most
+    ``NARROW_HEAD_DIM`` dimensions in float32 use :class:`_NarrowHeadAttention`.
+    The parameters are those of :class:`torch.nn.TransformerEncoderLayer`, so
+    weights move freely between the two. Other devices, and calls with masks, use
+    the parent's computations.
     """
 
     def _sa_block(
@@ -148,9 +153,7 @@ class _EncoderLayer(nn.TransformerEncoderLayer):
         heads = attn.num_heads
         head_dim = d // heads
         qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
-        full_precision = qkv.dtype in (torch.float32, torch.float64) \
-            and not torch.is_autocast_enabled("cpu")
-        if full_precision and head_dim in FUSED_HEAD_DIMS and fused_attention_available():
+        if head_dim in FUSED_HEAD_DIMS and _fused_applies(qkv):
             out = fused_self_attention(qkv, heads, head_dim**-0.5)
             return self.dropout1(F.linear(out, attn.out_proj.weight, attn.out_proj.bias))
         qkv = qkv.view(n, t, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
@@ -165,6 +168,19 @@ class _EncoderLayer(nn.TransformerEncoderLayer):
             weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
             out = torch.matmul(weights, v).transpose(1, 2).reshape(n, t, d)
         return self.dropout1(F.linear(out, attn.out_proj.weight, attn.out_proj.bias))
+
+    def _ff_block(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu" or self.activation is not F.gelu or self.linear1.bias is None \
+                or not _fused_applies(x):
+            return super()._ff_block(x)
+        hidden = fused_bias_gelu(torch.matmul(x, self.linear1.weight.t()), self.linear1.bias)
+        return self.dropout2(self.linear2(self.dropout(hidden)))
+
+
+def _fused_applies(x: Tensor) -> bool:
+    """Whether the fused CPU kernels take ``x``: full precision, no autocast, built."""
+    return x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled("cpu") \
+        and fused_kernels_available()
 
 
 def transformer_encoder(

@@ -1,14 +1,17 @@
-"""The fused CPU attention kernel: exact gradients, the unfused path's results, fallbacks."""
+"""The fused CPU kernels (attention, bias + GELU): exact gradients, the unfused results,
+fallbacks."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from step.models import _fused_attention as fused
+from step.models import _fused as fused
 from step.models._blocks import transformer_encoder
 
 CAN_BUILD = shutil.which("ninja") is not None and shutil.which("c++") is not None
@@ -26,7 +29,7 @@ def _reference(qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
 
 @needs_kernel
 def test_kernel_builds_where_a_compiler_is_present() -> None:
-    assert fused.fused_attention_available()
+    assert fused.fused_kernels_available()
 
 
 @needs_kernel
@@ -76,6 +79,37 @@ def test_results_do_not_depend_on_the_number_of_threads() -> None:
 
 
 @needs_kernel
+def test_bias_gelu_gradients_are_exact_in_float64() -> None:
+    torch.manual_seed(3)
+    h = (3 * torch.randn(70, 12, dtype=torch.float64)).requires_grad_()
+    bias = torch.randn(12, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(fused.fused_bias_gelu, (h, bias))
+    torch.testing.assert_close(fused.fused_bias_gelu(h, bias), F.gelu(h + bias))
+
+
+@needs_kernel
+def test_bias_gelu_float32_is_within_its_stated_error() -> None:
+    # 200 rows: several pieces of work, so the bias gradient sums partial sums
+    u = torch.linspace(-9, 9, 200 * 97).reshape(200, 97).requires_grad_()
+    bias = (0.1 * torch.randn(97)).requires_grad_()
+    grad = torch.randn(200, 97)
+    ours = fused.fused_bias_gelu(u, bias)
+    exact = F.gelu((u + bias).double())
+    assert (ours.double() - exact).abs().max() < 5e-7
+    grad_u, grad_bias = torch.autograd.grad(ours, (u, bias), grad)
+    ref_u, ref_bias = torch.autograd.grad(F.gelu(u + bias), (u, bias), grad)
+    torch.testing.assert_close(grad_u, ref_u, rtol=0, atol=5e-7 * grad.abs().max().item())
+    torch.testing.assert_close(grad_bias, ref_bias, rtol=1e-5, atol=1e-4)
+
+
+def test_bias_gelu_refuses_a_bias_of_the_wrong_size() -> None:
+    if not fused.fused_kernels_available():
+        pytest.skip("kernels not built")
+    with pytest.raises(RuntimeError, match="bias"):
+        fused.fused_bias_gelu(torch.randn(4, 6), torch.randn(5))
+
+
+@needs_kernel
 def test_encoder_uses_the_kernel_for_narrow_heads(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     original = fused.fused_self_attention
@@ -84,22 +118,34 @@ def test_encoder_uses_the_kernel_for_narrow_heads(monkeypatch: pytest.MonkeyPatc
         calls.append(args[1])
         return original(*args)
 
+    gelu_calls = []
+    original_gelu = fused.fused_bias_gelu
+
+    def counting_gelu(*args):
+        gelu_calls.append(args[0].shape)
+        return original_gelu(*args)
+
     monkeypatch.setattr("step.models._blocks.fused_self_attention", counting)
+    monkeypatch.setattr("step.models._blocks.fused_bias_gelu", counting_gelu)
     x = torch.randn(4, 33, 64)
     transformer_encoder(64, n_layers=2, n_heads=8, dropout=0.1).train()(x)
     assert calls == [8, 8]
+    assert gelu_calls == [(4, 33, 256)] * 2
     calls.clear()
+    gelu_calls.clear()
     transformer_encoder(64, n_layers=1, n_heads=4, dropout=0.1)(x)  # 16-dim heads: unfused
+    assert calls == [] and len(gelu_calls) == 1  # the feed-forward block still fuses
+    gelu_calls.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):  # reduced precision: unfused
         transformer_encoder(64, n_layers=1, n_heads=8, dropout=0.1)(x)
-    assert calls == []
+    assert calls == [] and gelu_calls == []
 
 
 def test_turned_off_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("must not build when turned off")
 
-    monkeypatch.setenv("STEP_FUSED_ATTENTION", "0")
+    monkeypatch.setenv("STEP_FUSED_KERNELS", "0")
     monkeypatch.setattr("torch.utils.cpp_extension.load", refuse)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -110,15 +156,17 @@ def test_a_failed_build_warns_and_falls_back(monkeypatch: pytest.MonkeyPatch) ->
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler here")
 
-    monkeypatch.delenv("STEP_FUSED_ATTENTION", raising=False)
+    monkeypatch.delenv("STEP_FUSED_KERNELS", raising=False)
     monkeypatch.setattr("torch.utils.cpp_extension.load", broken)
     with pytest.warns(RuntimeWarning, match="no compiler here"):
         assert fused._load() is None
     monkeypatch.setitem(fused._state, "tried", True)
     monkeypatch.setitem(fused._state, "module", None)
-    assert not fused.fused_attention_available()
+    assert not fused.fused_kernels_available()
     with pytest.raises(RuntimeError, match="not available"):
         fused.fused_self_attention(torch.randn(2, 3, 3 * 16), 2, 0.5)
+    with pytest.raises(RuntimeError, match="not available"):
+        fused.fused_bias_gelu(torch.randn(2, 3), torch.randn(3))
     # the encoder still trains, through the unfused path
     enc = transformer_encoder(64, n_layers=1, n_heads=8, dropout=0.0)
     x = torch.randn(2, 9, 64, requires_grad=True)
@@ -126,8 +174,35 @@ def test_a_failed_build_warns_and_falls_back(monkeypatch: pytest.MonkeyPatch) ->
     assert torch.isfinite(x.grad).all()
 
 
+@needs_kernel
+def test_kernels_can_be_turned_off_for_a_block() -> None:
+    assert fused.fused_kernels_available()
+    with fused.fused_kernels_off():
+        assert not fused.fused_kernels_available()
+        with fused.fused_kernels_off():
+            assert not fused.fused_kernels_available()
+        assert not fused.fused_kernels_available()
+    assert fused.fused_kernels_available()
+
+
+@needs_kernel
+def test_encoder_matches_its_unfused_computation() -> None:
+    torch.manual_seed(4)
+    enc = transformer_encoder(64, n_layers=2, n_heads=8, dropout=0.0)
+    x = torch.randn(8, 33, 64, requires_grad=True)
+    results = []
+    for off in (False, True):
+        with fused.fused_kernels_off() if off else contextlib.nullcontext():
+            out = enc(x)
+            grads = torch.autograd.grad(out.square().sum(), [x, *enc.parameters()])
+        results.append((out, grads))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_build_name_follows_the_source_and_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     name = fused._build_name()
-    assert name.startswith("step_fused_attention_")
+    assert name.startswith("step_fused_cpu_")
     monkeypatch.setattr(fused, "_cpu_signature", lambda: "another cpu")
     assert fused._build_name() != name
