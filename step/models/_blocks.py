@@ -13,6 +13,7 @@ from torch_geometric.nn import GCNConv
 from step.models._fused import (
     FUSED_HEAD_DIMS,
     fused_bias_gelu,
+    fused_dropout,
     fused_kernels_available,
     fused_self_attention,
 )
@@ -51,7 +52,9 @@ class FastDropout(nn.Module):
     that the mask would otherwise need. The drop probability is then ``p``
     rounded to a multiple of ``2**-16`` (at most ``8e-6`` away), and the kept
     elements are scaled by the exact inverse of the resulting keep probability,
-    so the output stays unbiased. Other devices draw uniforms.
+    so the output stays unbiased. Where the fused CPU kernels are built, the mask is
+    applied from the random integers in one pass (:func:`step.models._fused.fused_dropout`),
+    with the same result. Other devices draw uniforms.
 
     Parameters
     ----------
@@ -81,6 +84,8 @@ class FastDropout(nn.Module):
             return x * keep.mul_(1.0 / (1.0 - self.p)).to(x.dtype)
         n = x.numel()
         bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None)
+        if x.dtype in (torch.float32, torch.float64) and fused_kernels_available():
+            return fused_dropout(x, bits, self._threshold, self._scale)
         keep = bits.view(torch.int16)[:n].view(x.shape) >= self._threshold
         return x * torch.where(keep, self._scale, 0.0).to(x.dtype)
 

@@ -1,4 +1,4 @@
-"""Fused CPU kernels of the encoder layers: narrow-head self-attention, bias and GELU.
+"""Fused CPU kernels of TranscriptFormer: narrow-head self-attention, bias + GELU, dropout.
 
 The kernels (``csrc/fused_cpu.cpp``) are compiled for the machine at their first use
 with :func:`torch.utils.cpp_extension.load` and cached by PyTorch under
@@ -28,6 +28,7 @@ from torch import Tensor
 __all__ = [
     "FUSED_HEAD_DIMS",
     "fused_bias_gelu",
+    "fused_dropout",
     "fused_kernels_available",
     "fused_kernels_off",
     "fused_self_attention",
@@ -196,6 +197,52 @@ def fused_bias_gelu(h: Tensor, bias: Tensor) -> Tensor:
     """
     _require()
     return _FusedBiasGelu.apply(h.contiguous(), bias.contiguous())
+
+
+class _FusedDropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, bits: Tensor, threshold: int, scale: float) -> Tensor:
+        ctx.save_for_backward(bits)
+        ctx.threshold, ctx.scale = threshold, scale
+        return _module().dropout_apply(x, bits, threshold, scale)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        (bits,) = ctx.saved_tensors
+        return _module().dropout_apply(grad, bits, ctx.threshold, ctx.scale), None, None, None
+
+
+def fused_dropout(x: Tensor, bits: Tensor, threshold: int, scale: float) -> Tensor:
+    """Dropout decided by random 16-bit chunks, in one pass and without a mask tensor.
+
+    Element ``i`` is kept, and multiplied by ``scale``, where the ``i``-th 16-bit chunk
+    of ``bits`` (read as a signed integer) is at least ``threshold``; otherwise it is
+    multiplied by zero. The gradient is masked the same way.
+
+    Parameters
+    ----------
+    x
+        Activations, float32 or float64, on the CPU.
+    bits
+        Random int64 values, at least ``ceil(x.numel() / 4)`` of them.
+    threshold
+        In ``[-32768, 32767]``.
+    scale
+        Factor of the kept elements.
+
+    Returns
+    -------
+    Tensor
+        The result, shaped like ``x``; the same values as
+        ``x * torch.where(bits.view(torch.int16)[:n].view(x.shape) >= threshold, scale, 0)``.
+
+    Raises
+    ------
+    RuntimeError
+        If the kernels are not available (check :func:`fused_kernels_available`).
+    """
+    _require()
+    return _FusedDropout.apply(x, bits, threshold, scale)
 
 
 def _require() -> None:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from step.models import _fused as fused
-from step.models._blocks import transformer_encoder
+from step.models._blocks import FastDropout, transformer_encoder
 
 CAN_BUILD = shutil.which("ninja") is not None and shutil.which("c++") is not None
 
@@ -100,6 +100,23 @@ def test_bias_gelu_float32_is_within_its_stated_error() -> None:
     ref_u, ref_bias = torch.autograd.grad(F.gelu(u + bias), (u, bias), grad)
     torch.testing.assert_close(grad_u, ref_u, rtol=0, atol=5e-7 * grad.abs().max().item())
     torch.testing.assert_close(grad_bias, ref_bias, rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+def test_dropout_gives_the_unfused_values_bit_for_bit() -> None:
+    drop = FastDropout(0.3).train()
+    x = torch.randn(5, 7, 11).transpose(0, 1).requires_grad_()  # odd size, strided
+    grad = torch.randn(7, 5, 11)
+    results = []
+    for off in (False, True):
+        torch.manual_seed(5)
+        with fused.fused_kernels_off() if off else contextlib.nullcontext():
+            out = drop(x)
+            (g,) = torch.autograd.grad(out, x, grad)
+        results.append((out, g))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+    assert 0 < (results[0][0] == 0).float().mean() < 0.6
 
 
 def test_bias_gelu_refuses_a_bias_of_the_wrong_size() -> None:

@@ -16,6 +16,9 @@
 //    backward pass (the gradient of h and of the bias) in another, instead of the bias
 //    copied into the product's output, the GELU, its gradient and the bias reduction as
 //    four passes over the widest activation of the layer.
+// 3. Dropout from random 16-bit chunks: x * (chunk >= threshold ? scale : 0) in one
+//    pass, for the forward (on the input) and the backward (on the gradient), so that
+//    no boolean or floating-point mask is built; the random bits are the only state.
 //
 // Work is split into pieces of fixed size, each computed by one thread in a fixed
 // order, so results do not depend on the number of threads.
@@ -131,6 +134,24 @@ void bias_gelu_backward_kernel(const T* grad, const T* h, const T* bias, T* grad
     const T* sums = partial.data() + piece * width;
     for (int64_t j = 0; j < width; ++j) grad_bias[j] += sums[j];
   }
+}
+
+// Elements of one piece of work of the dropout kernel.
+constexpr int64_t kDropoutChunk = 1 << 14;
+
+template <typename T>
+void dropout_kernel(const T* x, const int16_t* bits, T* out, int64_t n, int16_t threshold,
+                    T scale) {
+  at::parallel_for(0, (n + kDropoutChunk - 1) / kDropoutChunk, 1, [&](int64_t begin, int64_t end) {
+    const int64_t stop = std::min(n, end * kDropoutChunk);
+    const T* __restrict__ in = x;
+    const int16_t* __restrict__ b = bits;
+    T* __restrict__ o = out;
+#pragma omp simd
+    for (int64_t i = begin * kDropoutChunk; i < stop; ++i) {
+      o[i] = in[i] * (b[i] >= threshold ? scale : T(0));
+    }
+  });
 }
 
 // Lanes of a 256-bit vector; rows of the transposed operands are padded to a multiple.
@@ -364,6 +385,23 @@ std::vector<torch::Tensor> bias_gelu_backward(const torch::Tensor& grad_out,
   return {grad_h, grad_bias};
 }
 
+torch::Tensor dropout_apply(const torch::Tensor& x, const torch::Tensor& bits, int64_t threshold,
+                            double scale) {
+  auto input = x.contiguous();
+  TORCH_CHECK(bits.scalar_type() == torch::kInt64 && bits.is_contiguous() &&
+                  bits.numel() * 4 >= input.numel(),
+              "dropout needs one random 64-bit integer per four elements");
+  TORCH_CHECK(threshold >= -32768 && threshold <= 32767, "dropout threshold out of range");
+  auto out = torch::empty_like(input);
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dropout_apply", [&] {
+    dropout_kernel<scalar_t>(input.data_ptr<scalar_t>(),
+                             reinterpret_cast<const int16_t*>(bits.data_ptr<int64_t>()),
+                             out.data_ptr<scalar_t>(), input.numel(),
+                             static_cast<int16_t>(threshold), static_cast<scalar_t>(scale));
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -371,4 +409,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_backward", &attention_backward, "fused attention, backward");
   m.def("bias_gelu_forward", &bias_gelu_forward, "gelu(h + bias)");
   m.def("bias_gelu_backward", &bias_gelu_backward, "gradients of gelu(h + bias)");
+  m.def("dropout_apply", &dropout_apply, "x * (16-bit chunk >= threshold ? scale : 0)");
 }
