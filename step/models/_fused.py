@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "FUSED_HEAD_DIMS",
@@ -73,7 +74,7 @@ def _load() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
-        _log.info("Compiling the fused CPU kernels (once per machine).")
+        _log.info("Loading the fused CPU kernels (compiled at their first use on a machine).")
         return load(_build_name(), [str(_SOURCE)], extra_cflags=_FLAGS, verbose=False)
     except Exception as err:  # noqa: BLE001 - any build failure falls back
         warnings.warn(f"The fused CPU kernels are not available ({type(err).__name__}: "
@@ -105,8 +106,8 @@ def fused_kernels_available() -> bool:
 
 @contextlib.contextmanager
 def fused_kernels_off() -> Iterator[None]:
-    """Run the block with the fused kernels turned off (in this process and thread pool),
-    for example to compare against the unfused operations or to count their FLOPs."""
+    """Run the block with the fused kernels turned off (in the whole process), for example
+    to compare against the unfused operations or to count their FLOPs."""
     with _lock:
         _state["off"] += 1
     try:
@@ -125,9 +126,11 @@ class _FusedAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         qkv, log_sum_exp = ctx.saved_tensors
-        return _module().attention_backward(grad, qkv, log_sum_exp, ctx.heads, ctx.scale), None, None
+        grad_qkv = _module().attention_backward(grad, qkv, log_sum_exp, ctx.heads, ctx.scale)
+        return grad_qkv, None, None
 
 
 def fused_self_attention(qkv: Tensor, heads: int, scale: float) -> Tensor:
@@ -153,7 +156,7 @@ def fused_self_attention(qkv: Tensor, heads: int, scale: float) -> Tensor:
     Raises
     ------
     RuntimeError
-        If the kernel is not available (check :func:`fused_attention_available`).
+        If the kernel is not available (check :func:`fused_kernels_available`).
     """
     _require()
     return _FusedAttention.apply(qkv.contiguous(), heads, scale)
@@ -166,6 +169,7 @@ class _FusedBiasGelu(torch.autograd.Function):
         return _module().bias_gelu_forward(h, bias)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor]:
         h, bias = ctx.saved_tensors
         grad_h, grad_bias = _module().bias_gelu_backward(grad, h, bias)
@@ -207,6 +211,7 @@ class _FusedDropout(torch.autograd.Function):
         return _module().dropout_apply(x, bits, threshold, scale)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
         (bits,) = ctx.saved_tensors
         return _module().dropout_apply(grad, bits, ctx.threshold, ctx.scale), None, None, None

@@ -61,6 +61,15 @@ def test_float32_matches_the_unfused_computation(heads: int, tokens: int) -> Non
 
 
 @needs_kernel
+def test_second_derivatives_are_refused_not_wrong() -> None:
+    qkv = torch.randn(2, 5, 3 * 16, requires_grad=True)
+    (grad,) = torch.autograd.grad(fused.fused_self_attention(qkv, 2, 0.5).sum(), qkv,
+                                  create_graph=True)
+    with pytest.raises(RuntimeError, match="grad"):
+        grad.sum().backward()
+
+
+@needs_kernel
 def test_results_do_not_depend_on_the_number_of_threads() -> None:
     torch.manual_seed(2)
     qkv = torch.randn(64, 33, 3 * 64, requires_grad=True)
