@@ -186,9 +186,9 @@ def main(argv: list[str] | None = None) -> None:
             for index, (_, arch, precision, _) in enumerate(runs):
                 if index not in measured:
                     continue
-                repeats = sorted(measured[index], key=lambda item: item[2]["cells_per_s"])
-                tool, probe, result = repeats[(len(repeats) - 1) // 2]  # the median repeat
-                rates = [item[2]["cells_per_s"] for item in repeats]
+                by_rate = sorted(measured[index], key=lambda item: item[2]["cells_per_s"])
+                tool, probe, result = by_rate[(len(by_rate) - 1) // 2]  # the median repeat
+                rates = [item[2]["cells_per_s"] for item in by_rate]
                 rows.append(table.add(**base, tool=tool, architecture=C.ARCH_LABELS[arch],
                                       precision=precision, probe_gflops=probe,
                                       cells_per_s_range=f"{rates[0]:,.0f}-{rates[-1]:,.0f}",

@@ -36,6 +36,8 @@ __all__ = [
 ]
 
 LIKELIHOODS = ("zinb", "nb", "poisson")
+# Dtypes the fused CPU kernels are compiled for.
+_FULL_PRECISION = (torch.float32, torch.float64)
 DISPERSIONS = ("gene", "gene-batch")
 
 # Bounds that keep exp() of learned log-parameters finite in float32.
@@ -84,7 +86,7 @@ class FastDropout(nn.Module):
             return x * keep.mul_(1.0 / (1.0 - self.p)).to(x.dtype)
         n = x.numel()
         bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None)
-        if x.dtype in (torch.float32, torch.float64) and fused_kernels_available():
+        if x.dtype in _FULL_PRECISION and fused_kernels_available():
             return fused_dropout(x, bits, self._threshold, self._scale)
         keep = bits.view(torch.int16)[:n].view(x.shape) >= self._threshold
         return x * torch.where(keep, self._scale, 0.0).to(x.dtype)
@@ -175,17 +177,17 @@ class _EncoderLayer(nn.TransformerEncoderLayer):
         return self.dropout1(F.linear(out, attn.out_proj.weight, attn.out_proj.bias))
 
     def _ff_block(self, x: Tensor) -> Tensor:
-        if x.device.type != "cpu" or self.activation is not F.gelu or self.linear1.bias is None \
-                or not _fused_applies(x):
+        if self.activation is not F.gelu or self.linear1.bias is None or not _fused_applies(x):
             return super()._ff_block(x)
         hidden = fused_bias_gelu(torch.matmul(x, self.linear1.weight.t()), self.linear1.bias)
         return self.dropout2(self.linear2(self.dropout(hidden)))
 
 
 def _fused_applies(x: Tensor) -> bool:
-    """Whether the fused CPU kernels take ``x``: full precision, no autocast, built."""
-    return x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled("cpu") \
-        and fused_kernels_available()
+    """Whether the fused CPU kernels take ``x``: on the CPU, full precision, no autocast,
+    kernels built."""
+    return x.device.type == "cpu" and x.dtype in _FULL_PRECISION \
+        and not torch.is_autocast_enabled("cpu") and fused_kernels_available()
 
 
 def transformer_encoder(

@@ -4,7 +4,7 @@ The kernels (``csrc/fused_cpu.cpp``) are compiled for the machine at their first
 with :func:`torch.utils.cpp_extension.load` and cached by PyTorch under
 ``TORCH_EXTENSIONS_DIR`` (by default ``~/.cache/torch_extensions``). Building needs a
 C++ compiler and ``ninja``; where either is missing, or the build fails, one warning
-says why and the encoder keeps its unfused operations. Setting the environment variable
+says why and the model keeps its unfused operations. Setting the environment variable
 ``STEP_FUSED_KERNELS=0`` turns the kernels off without trying to build them.
 """
 
@@ -78,7 +78,7 @@ def _load() -> ModuleType | None:
         return load(_build_name(), [str(_SOURCE)], extra_cflags=_FLAGS, verbose=False)
     except Exception as err:  # noqa: BLE001 - any build failure falls back
         warnings.warn(f"The fused CPU kernels are not available ({type(err).__name__}: "
-                      f"{str(err).strip()[:300]}); the encoder runs unfused, which is slower. "
+                      f"{str(err).strip()[:300]}); the model runs unfused, which is slower. "
                       f"Set {_ENV}=0 to skip the attempt.", RuntimeWarning, stacklevel=3)
         return None
 

@@ -1,5 +1,5 @@
-"""The fused CPU kernels (attention, bias + GELU): exact gradients, the unfused results,
-fallbacks."""
+"""The fused CPU kernels (attention, bias + GELU, dropout): exact gradients, the unfused
+results, fallbacks."""
 
 from __future__ import annotations
 
@@ -128,9 +128,8 @@ def test_dropout_gives_the_unfused_values_bit_for_bit() -> None:
     assert 0 < (results[0][0] == 0).float().mean() < 0.6
 
 
+@needs_kernel
 def test_bias_gelu_refuses_a_bias_of_the_wrong_size() -> None:
-    if not fused.fused_kernels_available():
-        pytest.skip("kernels not built")
     with pytest.raises(RuntimeError, match="bias"):
         fused.fused_bias_gelu(torch.randn(4, 6), torch.randn(5))
 
