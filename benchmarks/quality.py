@@ -256,8 +256,8 @@ def report(args, info: dict[str, Any], runs: C.Table, extra: dict[str, Any], not
     ours_note = [] if not config else [
         "ours: scModel defaults: " + ", ".join(
             f"{k}={config[k]}" for k in ("hidden_dim", "n_modules", "module_dim", "latent_dim",
-                                         "n_layers", "n_heads", "likelihood", "kl_weight",
-                                         "free_bits") if k in config)
+                                         "n_layers", "n_heads", "dropout", "likelihood",
+                                         "kl_weight", "free_bits") if k in config)
         + (f"; epochs={args.epochs}." if args.epochs else "; default epochs.")]
     summary.notes = [
         *ours_note,

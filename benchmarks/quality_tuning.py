@@ -29,8 +29,12 @@ RUNS_FILE = Path(__file__).parent / "results" / "quality_tuning_runs.jsonl"
 
 #: The scModel settings before this screen; every configuration starts from them, so that
 #: the rows keep their meaning whatever the current defaults are (the screen led to
-#: ``latent_dim=16, likelihood="nb"``, the configuration ``nb_latent_16``).
-BEFORE_TUNING: dict[str, Any] = {"latent_dim": 64, "likelihood": "zinb"}
+#: ``latent_dim=16, likelihood="nb"``, the configuration ``nb_latent_16``, and then to
+#: ``dropout=0``, the configuration ``nb_latent_16_dropout_0``).
+BEFORE_TUNING: dict[str, Any] = {"latent_dim": 64, "likelihood": "zinb", "dropout": 0.1}
+
+#: The settings the first part of the screen chose (``nb_latent_16``).
+_NB16: dict[str, Any] = {"likelihood": "nb", "latent_dim": 16}
 
 #: name -> (model keyword arguments over BEFORE_TUNING, run keyword arguments, what it tests)
 CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
@@ -66,6 +70,19 @@ CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
     "latent_32_lr_3e-4": ({"latent_dim": 32}, {"lr": 3e-4},
                           "latent size 32 and learning rate 3e-4"),
     "dropout_0": ({"dropout": 0.0}, {}, "no dropout"),
+    "nb_latent_16_dropout_0.1": ({**_NB16, "dropout": 0.1}, {},
+                                 "negative binomial, latent size 16, dropout 0.1 "
+                                 "(nb_latent_16 again, with the participation ratio)"),
+    "nb_latent_16_dropout_0": ({**_NB16, "dropout": 0.0}, {},
+                               "negative binomial, latent size 16, no dropout"),
+    "nb_latent_16_dropout_0_kl_0.3": ({**_NB16, "dropout": 0.0, "kl_weight": 0.3}, {},
+                                      "negative binomial, latent size 16, no dropout, "
+                                      "KL weight 0.3"),
+    "nb_latent_32_dropout_0": ({**_NB16, "latent_dim": 32, "dropout": 0.0}, {},
+                               "negative binomial, latent size 32, no dropout"),
+    "nb_latent_16_dropout_0_epochs_200": ({**_NB16, "dropout": 0.0}, {"epochs": 200},
+                                          "negative binomial, latent size 16, no dropout, "
+                                          "200 epochs"),
 }
 
 
@@ -83,7 +100,16 @@ def embed(config: str, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
     var = np.sort(rep.var(0))[::-1]
     return rep, {"epochs_run": len(history),
                  "active_dims": int((var > 0.01 * var[0]).sum()),
-                 "top3_var_share": float(var[:3].sum() / var.sum())}
+                 "top3_var_share": float(var[:3].sum() / var.sum()),
+                 "participation_ratio": participation_ratio(rep)}
+
+
+def participation_ratio(rep: np.ndarray) -> float:
+    """How many directions the embedding's variance is spread over: ``(sum l)^2 / sum l^2``
+    of the eigenvalues ``l`` of its covariance (1: a line; the dimension: isotropic)."""
+    centred = rep - rep.mean(0)
+    eig = np.linalg.svd(centred, compute_uv=False) ** 2
+    return float(eig.sum() ** 2 / (eig ** 2).sum())
 
 
 def run(configs: list[str], seeds: list[int], out: Path, reps: Path | None) -> None:

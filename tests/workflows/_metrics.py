@@ -34,6 +34,14 @@ def leiden_ari(rep: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
     return float(adjusted_rand_score(labels, clusters)), len(np.unique(clusters))
 
 
+def leiden_ari_at(rep: np.ndarray, labels: np.ndarray, resolution: float) -> tuple[float, int]:
+    """ARI of Leiden clusters against ``labels`` at one fixed resolution (15 neighbours,
+    seed 0), with the number of clusters."""
+    graph = neighbor_graph(np.asarray(rep, dtype=np.float32), n_neighbors=15, seed=0)
+    clusters = _leiden(graph, resolution, 0)
+    return float(adjusted_rand_score(labels, clusters)), len(np.unique(clusters))
+
+
 def leiden_ari_scan(rep: np.ndarray, labels: np.ndarray) -> tuple[float, float, int]:
     """Best ARI of Leiden clusters against ``labels`` over :data:`RESOLUTIONS` (the
     optimal-resolution rule of integration benchmarks), with its resolution and number

@@ -13,7 +13,7 @@ import torch
 from step._constants import ADATA_KEYS
 from step.workflows import scModel
 
-from ._metrics import SMALL, leiden_ari, leiden_ari_scan, pca_embedding
+from ._metrics import SMALL, leiden_ari, leiden_ari_at, leiden_ari_scan, pca_embedding
 
 
 
@@ -39,30 +39,37 @@ def trained(_pbmc_counts_session: ad.AnnData, one_thread_module: None):
 @pytest.mark.slow
 def test_embedding_beats_pca_on_bulk_labels(trained) -> None:
     """Leiden clusters of X_rep match the PBMC labels better than those of 50 PCs of the
-    log-normalised counts, with one clustering procedure for both: a kNN graph of 15
-    neighbours and Leiden at every resolution 0.1, 0.2, ..., 2.0, keeping the best
-    (the optimal-resolution rule of integration benchmarks).
+    log-normalised counts, under one fixed protocol for both (a kNN graph of 15
+    neighbours; Leiden at resolution 0.5, at 1.0, scanpy's default, and at the
+    resolution that gives as many clusters as there are labels).
 
-    The embedding comes from ``scModel`` with its defaults, as a user would call it. The
-    rule "resolution whose cluster count is closest to the 10 labels" is printed too. It
-    is noisier. Measured with seeds 0 and 1: best resolution 0.59 and 0.59 for scModel
-    against 0.52 for PCA; at 10 clusters 0.45 and 0.50 against 0.51.
+    The embedding comes from ``scModel`` with its defaults, as a user would call it.
+    Measured with seed 0 (seed 1 in brackets): resolution 0.5 0.528 (0.612) against
+    0.446 for PCA, resolution 1.0 0.528 (0.517) against 0.507, 10 clusters 0.528
+    (0.517) against 0.507; with the earlier dropout of 0.1, seed 0 gave 0.489 / 0.494 /
+    0.489. The best ARI over a scan of resolutions is printed, not asserted: it picks
+    the resolution with the labels.
     """
     adata, _, history, _, _ = trained
     labels = adata.obs["bulk_labels"].to_numpy()
     rep, pca = adata.obsm[ADATA_KEYS.X_REP], pca_embedding(adata)
-    ours, ours_res, ours_k = leiden_ari_scan(rep, labels)
-    base, base_res, base_k = leiden_ari_scan(pca, labels)
-    ours_10, k_ours = leiden_ari(rep, labels)
-    base_10, k_base = leiden_ari(pca, labels)
+    ours_05, _ = leiden_ari_at(rep, labels, 0.5)
+    base_05, _ = leiden_ari_at(pca, labels, 0.5)
+    ours_10, k_ours = leiden_ari_at(rep, labels, 1.0)
+    base_10, k_base = leiden_ari_at(pca, labels, 1.0)
+    ours_k, _ = leiden_ari(rep, labels)
+    base_k, _ = leiden_ari(pca, labels)
+    best, best_res, _ = leiden_ari_scan(rep, labels)
     report = (
-        f"Leiden ARI vs bulk_labels, best resolution: scModel {ours:.3f} (resolution "
-        f"{ours_res}, {ours_k} clusters), PCA {base:.3f} (resolution {base_res}, {base_k} "
-        f"clusters); cluster count closest to the labels: scModel {ours_10:.3f} "
-        f"({k_ours} clusters), PCA {base_10:.3f} ({k_base} clusters); {len(history)} epochs")
+        f"Leiden ARI vs bulk_labels, scModel / PCA: resolution 0.5 {ours_05:.3f} / "
+        f"{base_05:.3f}; resolution 1.0 {ours_10:.3f} ({k_ours} clusters) / {base_10:.3f} "
+        f"({k_base} clusters); cluster count closest to the labels {ours_k:.3f} / "
+        f"{base_k:.3f}; scModel's best over the scan {best:.3f} at {best_res}; "
+        f"{len(history)} epochs")
     print(report)
-    assert ours > base + 0.03, report
-    assert ours_10 > 0.35, report  # a floor: a collapsed embedding scores near 0
+    assert ours_05 > base_05 + 0.05, report
+    assert ours_10 > base_10 - 0.02, report
+    assert ours_k > base_k - 0.02, report
 
 
 def test_run_writes_the_posterior_mean_only(trained) -> None:
