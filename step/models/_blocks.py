@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch_geometric.nn import GCNConv
 
 from step.models._fused import (
+    FUSED_DTYPES,
     FUSED_HEAD_DIMS,
     fused_bias_gelu,
     fused_dropout,
@@ -36,8 +37,6 @@ __all__ = [
 ]
 
 LIKELIHOODS = ("zinb", "nb", "poisson")
-# Dtypes the fused CPU kernels are compiled for.
-_FULL_PRECISION = (torch.float32, torch.float64)
 DISPERSIONS = ("gene", "gene-batch")
 
 # Bounds that keep exp() of learned log-parameters finite in float32.
@@ -86,7 +85,7 @@ class FastDropout(nn.Module):
             return x * keep.mul_(1.0 / (1.0 - self.p)).to(x.dtype)
         n = x.numel()
         bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None)
-        if x.dtype in _FULL_PRECISION and fused_kernels_available():
+        if x.dtype in FUSED_DTYPES and fused_kernels_available():
             return fused_dropout(x, bits, self._threshold, self._scale)
         keep = bits.view(torch.int16)[:n].view(x.shape) >= self._threshold
         return x * torch.where(keep, self._scale, 0.0).to(x.dtype)
@@ -186,7 +185,7 @@ class _EncoderLayer(nn.TransformerEncoderLayer):
 def _fused_applies(x: Tensor) -> bool:
     """Whether the fused CPU kernels take ``x``: on the CPU, full precision, no autocast,
     kernels built."""
-    return x.device.type == "cpu" and x.dtype in _FULL_PRECISION \
+    return x.device.type == "cpu" and x.dtype in FUSED_DTYPES \
         and not torch.is_autocast_enabled("cpu") and fused_kernels_available()
 
 

@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 __all__ = [
+    "FUSED_DTYPES",
     "FUSED_HEAD_DIMS",
     "fused_bias_gelu",
     "fused_dropout",
@@ -38,6 +39,9 @@ __all__ = [
 #: Head sizes the fused kernel is compiled for. For 16-dimensional heads the unfused
 #: path (batched matmuls) is as fast (``benchmarks/efficiency.py``), so they keep it.
 FUSED_HEAD_DIMS = (4, 8)
+
+#: Dtypes the kernels are compiled for (full precision; float64 serves gradient checks).
+FUSED_DTYPES = (torch.float32, torch.float64)
 
 _SOURCE = Path(__file__).with_name("csrc") / "fused_cpu.cpp"
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd"]

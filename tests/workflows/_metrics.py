@@ -34,12 +34,16 @@ def leiden_ari(rep: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
     return float(adjusted_rand_score(labels, clusters)), len(np.unique(clusters))
 
 
-def leiden_ari_at(rep: np.ndarray, labels: np.ndarray, resolution: float) -> tuple[float, int]:
-    """ARI of Leiden clusters against ``labels`` at one fixed resolution (15 neighbours,
-    seed 0), with the number of clusters."""
+def leiden_ari_at(rep: np.ndarray, labels: np.ndarray,
+                  resolutions: tuple[float, ...]) -> list[tuple[float, int]]:
+    """ARI of Leiden clusters against ``labels`` at each of some fixed resolutions (one
+    graph of 15 neighbours, seed 0), with the number of clusters."""
     graph = neighbor_graph(np.asarray(rep, dtype=np.float32), n_neighbors=15, seed=0)
-    clusters = _leiden(graph, resolution, 0)
-    return float(adjusted_rand_score(labels, clusters)), len(np.unique(clusters))
+    out = []
+    for resolution in resolutions:
+        clusters = _leiden(graph, resolution, 0)
+        out.append((float(adjusted_rand_score(labels, clusters)), len(np.unique(clusters))))
+    return out
 
 
 def leiden_ari_scan(rep: np.ndarray, labels: np.ndarray) -> tuple[float, float, int]:

@@ -53,10 +53,8 @@ def test_embedding_beats_pca_on_bulk_labels(trained) -> None:
     adata, _, history, _, _ = trained
     labels = adata.obs["bulk_labels"].to_numpy()
     rep, pca = adata.obsm[ADATA_KEYS.X_REP], pca_embedding(adata)
-    ours_05, _ = leiden_ari_at(rep, labels, 0.5)
-    base_05, _ = leiden_ari_at(pca, labels, 0.5)
-    ours_10, k_ours = leiden_ari_at(rep, labels, 1.0)
-    base_10, k_base = leiden_ari_at(pca, labels, 1.0)
+    (ours_05, _), (ours_10, k_ours) = leiden_ari_at(rep, labels, (0.5, 1.0))
+    (base_05, _), (base_10, k_base) = leiden_ari_at(pca, labels, (0.5, 1.0))
     ours_k, _ = leiden_ari(rep, labels)
     base_k, _ = leiden_ari(pca, labels)
     best, best_res, _ = leiden_ari_scan(rep, labels)
