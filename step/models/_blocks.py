@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch_geometric.nn import GCNConv
 
 from step.models._fused import (
+    FUSED_ATTENTION_DTYPES,
     FUSED_DTYPES,
     FUSED_HEAD_DIMS,
     fused_bias_gelu,
@@ -132,10 +133,11 @@ class _NarrowHeadAttention(torch.autograd.Function):
 class _EncoderLayer(nn.TransformerEncoderLayer):
     """A pre-norm encoder layer with faster CPU paths for short sequences.
 
-    In full precision (float32 or float64, no autocast) and where the fused CPU
-    kernels are built (:mod:`step.models._fused`), heads of ``FUSED_HEAD_DIMS``
-    dimensions use the fused attention kernel and the feed-forward block adds its
-    first bias inside a fused GELU. Otherwise, with a few dozen tokens and heads of
+    Where the fused CPU kernels are built (:mod:`step.models._fused`), heads of
+    ``FUSED_HEAD_DIMS`` dimensions use the fused attention kernel, in float32,
+    float64 and under bfloat16 autocast; in full precision without autocast the
+    feed-forward block also adds its first bias inside a fused GELU. Otherwise, with
+    a few dozen tokens and heads of
     8-16 dimensions, PyTorch's CPU flash-attention kernel (and above all its
     backward) costs more than plain batched matmuls and a softmax, several times
     more under bfloat16 autocast, so attention runs as those; heads of at most
@@ -159,7 +161,8 @@ class _EncoderLayer(nn.TransformerEncoderLayer):
         heads = attn.num_heads
         head_dim = d // heads
         qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
-        if head_dim in FUSED_HEAD_DIMS and _fused_applies(qkv):
+        if head_dim in FUSED_HEAD_DIMS and qkv.dtype in FUSED_ATTENTION_DTYPES \
+                and fused_kernels_available():
             out = fused_self_attention(qkv, heads, head_dim**-0.5)
             return self.dropout1(F.linear(out, attn.out_proj.weight, attn.out_proj.bias))
         qkv = qkv.view(n, t, 3, heads, head_dim).permute(2, 0, 3, 1, 4)

@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 __all__ = [
+    "FUSED_ATTENTION_DTYPES",
     "FUSED_DTYPES",
     "FUSED_HEAD_DIMS",
     "fused_bias_gelu",
@@ -42,6 +43,10 @@ FUSED_HEAD_DIMS = (4, 8)
 
 #: Dtypes the kernels are compiled for (full precision; float64 serves gradient checks).
 FUSED_DTYPES = (torch.float32, torch.float64)
+
+#: Dtypes the attention kernel takes: also bfloat16 (the projections under autocast),
+#: which it reads and writes as such but computes in float32.
+FUSED_ATTENTION_DTYPES = (*FUSED_DTYPES, torch.bfloat16)
 
 _SOURCE = Path(__file__).with_name("csrc") / "fused_cpu.cpp"
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd"]
@@ -144,8 +149,10 @@ def fused_self_attention(qkv: Tensor, heads: int, scale: float) -> Tensor:
     ----------
     qkv
         ``F.linear(x, in_proj_weight, in_proj_bias)`` of ``x`` of shape
-        ``(cells, tokens, width)``: shape ``(cells, tokens, 3 * width)``, float32 or
-        float64, on the CPU, with queries, keys and values side by side.
+        ``(cells, tokens, width)``: shape ``(cells, tokens, 3 * width)``, one of
+        :data:`FUSED_ATTENTION_DTYPES`, on the CPU, with queries, keys and values side
+        by side. bfloat16 is computed in float32 (scores, softmax and sums), with the
+        log-sum-exp kept for the backward pass in float32.
     heads
         Number of heads; ``width / heads`` must be one of :data:`FUSED_HEAD_DIMS`.
     scale
@@ -154,8 +161,9 @@ def fused_self_attention(qkv: Tensor, heads: int, scale: float) -> Tensor:
     Returns
     -------
     Tensor
-        The heads' outputs side by side, shape ``(cells, tokens, width)``, ready for the
-        output projection. Differentiable with respect to ``qkv``.
+        The heads' outputs side by side, shape ``(cells, tokens, width)``, in the dtype
+        of ``qkv``, ready for the output projection. Differentiable with respect to
+        ``qkv``.
 
     Raises
     ------

@@ -61,6 +61,29 @@ def test_float32_matches_the_unfused_computation(heads: int, tokens: int) -> Non
 
 
 @needs_kernel
+def test_bfloat16_is_computed_in_float32() -> None:
+    """bfloat16 in and out, as under autocast: the result is the float32 computation on
+    the same bfloat16 inputs, rounded once, and more accurate than bfloat16 matmuls."""
+    torch.manual_seed(6)
+    qkv = (2 * torch.randn(24, 33, 3 * 64)).bfloat16().requires_grad_()
+    weights = torch.randn(24, 33, 64)
+    ours = fused.fused_self_attention(qkv, 8, 8**-0.5)
+    assert ours.dtype == torch.bfloat16
+    exact_in = qkv.detach().float().requires_grad_()
+    exact = _reference(exact_in, 8, 8**-0.5)
+    # one rounding of the float32 result to bfloat16 (8 bits of mantissa)
+    assert ((ours.float() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all()
+    bf16_matmuls = _reference(qkv.detach(), 8, 8**-0.5).float()
+    assert (ours.float() - exact).abs().mean() < 0.5 * (bf16_matmuls - exact).abs().mean()
+    (grad_ours,) = torch.autograd.grad((ours.float() * weights).sum(), qkv)
+    (grad_exact,) = torch.autograd.grad((exact * weights).sum(), exact_in)
+    assert grad_ours.dtype == torch.bfloat16
+    scale = grad_exact.abs().max().item()
+    # the output is rounded to bfloat16 before the gradient flows back: a few roundings
+    torch.testing.assert_close(grad_ours.float(), grad_exact, rtol=2e-2, atol=2e-2 * scale)
+
+
+@needs_kernel
 def test_second_derivatives_are_refused_not_wrong() -> None:
     qkv = torch.randn(2, 5, 3 * 16, requires_grad=True)
     (grad,) = torch.autograd.grad(fused.fused_self_attention(qkv, 2, 0.5).sum(), qkv,
@@ -109,6 +132,21 @@ def test_bias_gelu_float32_is_within_its_stated_error() -> None:
     ref_u, ref_bias = torch.autograd.grad(F.gelu(u + bias), (u, bias), grad)
     torch.testing.assert_close(grad_u, ref_u, rtol=0, atol=5e-7 * grad.abs().max().item())
     torch.testing.assert_close(grad_bias, ref_bias, rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+def test_bias_gelu_gives_no_subnormal_numbers() -> None:
+    """Far in the negative tail the GELU is exactly 0, not a subnormal number: CPUs compute
+    subnormals in slow microcode, here and in the products that read the result."""
+    u = torch.linspace(-60, 0, 6001).reshape(1, -1).requires_grad_()
+    bias = torch.zeros(6001, requires_grad=True)
+    out = fused.fused_bias_gelu(u, bias)
+    (grad,) = torch.autograd.grad(out.sum(), u)
+    tiny = torch.finfo(torch.float32).tiny
+    for values in (out, grad):
+        assert not ((values != 0) & (values.abs() < tiny)).any()
+    assert (out[0, :200] == 0).all()  # u <= -58
+    assert (out.double() - F.gelu(u.double())).abs().max() < 5e-7
 
 
 @needs_kernel
@@ -161,9 +199,11 @@ def test_encoder_uses_the_kernel_for_narrow_heads(monkeypatch: pytest.MonkeyPatc
     transformer_encoder(64, n_layers=1, n_heads=4, dropout=0.1)(x)  # 16-dim heads: unfused
     assert calls == [] and len(gelu_calls) == 1  # the feed-forward block still fuses
     gelu_calls.clear()
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # reduced precision: unfused
+    # under bfloat16 autocast the attention kernel takes the bfloat16 projection; the
+    # GELU kernel (full precision only) does not
+    with torch.autocast("cpu", dtype=torch.bfloat16):
         transformer_encoder(64, n_layers=1, n_heads=8, dropout=0.1)(x)
-    assert calls == [] and gelu_calls == []
+    assert calls == [8] and gelu_calls == []
 
 
 def test_turned_off_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,17 +1,18 @@
 // Fused CPU kernels of TranscriptFormer's encoder layers, compiled on first use.
 //
-// 1. Softmax self-attention of short sequences with narrow heads, fused per (cell, head).
+// 1. Softmax self-attention of short sequences with narrow heads.
 //    The input is the packed projection of a pre-norm encoder layer, laid out as
 //    (cells, tokens, 3, heads, head_dim): queries, keys and values of every head side by
-//    side, exactly as F.linear(x, in_proj_weight) returns them. Every (cell, head) pair
-//    is one independent problem of a few dozen tokens whose scores fit in the L1 cache,
-//    so the products, the softmax and the weighted sum run in one pass over it instead
-//    of as batched GEMMs over thousands of tiny matrices with the scores written to
-//    memory in between. The output is (cells, tokens, heads * head_dim), ready for the
-//    output projection; the gradient of the packed input is written in the input's
-//    layout. Only the log-sum-exp of every row of scores is saved for the backward
-//    pass, which recomputes the weights: cheaper than writing and reading back
-//    cells * heads * tokens^2 weights.
+//    side, exactly as F.linear(x, in_proj_weight) returns them. The heads of a cell are
+//    computed together, one head per vector lane (in groups of eight), so that the
+//    products, the softmax and the weighted sums of a few dozen tokens run in one pass
+//    over data that fits in the L1 cache, with whole vectors as accumulators and no
+//    reduction across lanes, instead of as batched GEMMs over thousands of tiny matrices
+//    with the scores written to memory in between. The output is (cells, tokens,
+//    heads * head_dim), ready for the output projection; the gradient of the packed
+//    input is written in the input's layout. Only the log-sum-exp of every row of scores
+//    is saved for the backward pass, which recomputes the weights: cheaper than writing
+//    and reading back cells * heads * tokens^2 weights.
 // 2. Bias and GELU of the feed-forward block, gelu(h + bias), in one pass, and its
 //    backward pass (the gradient of h and of the bias) in another, instead of the bias
 //    copied into the product's output, the GELU, its gradient and the bias reduction as
@@ -24,6 +25,7 @@
 // order, so results do not depend on the number of threads.
 
 #include <torch/extension.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -37,10 +39,13 @@ namespace {
 // exp(x) for x <= 0 (softmax arguments after subtracting the row maximum, minus a
 // square), written as plain arithmetic so that the compiler vectorises the loops it is
 // used in. Range reduction x = n ln2 + r with |r| <= ln2 / 2 and a degree-6 polynomial
-// for exp(r) (the Cephes coefficients): relative error about 2e-7. Arguments below -87
-// give 1.6e-38 instead of a smaller or subnormal value.
+// for exp(r) (the Cephes coefficients): relative error about 2e-7. Arguments below -75
+// give exactly 0 (exp(-75) is 3e-33): results of that size, multiplied on, would
+// become subnormal numbers, which many CPUs compute in slow microcode, in this kernel
+// and in every product that reads its output.
 inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
+  const bool negligible = x < -75.0f;
+  x = negligible ? -75.0f : x;
   // round to nearest by adding and subtracting 1.5 * 2^23 (vectorises without any
   // special floating-point flags, unlike floor or nearbyint)
   const float shifted = x * 1.44269504088896341f + 12582912.0f;
@@ -57,7 +62,7 @@ inline float exp_nonpositive(float x) {
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float two_n;
   std::memcpy(&two_n, &bits, sizeof(two_n));
-  return p * two_n;
+  return negligible ? 0.0f : p * two_n;
 }
 
 inline double exp_nonpositive(double x) { return std::exp(x); }
@@ -154,31 +159,6 @@ void dropout_kernel(const T* x, const int16_t* bits, T* out, int64_t n, int16_t 
   });
 }
 
-// Lanes of a 256-bit vector; rows of the transposed operands are padded to a multiple.
-template <typename T>
-constexpr int64_t kLanes = 32 / sizeof(T);
-
-inline int64_t padded(int64_t n, int64_t lanes) { return (n + lanes - 1) / lanes * lanes; }
-
-// row[j] = factor * sum_d a[d] * mt[d * stride + j] for every j < stride, accumulated in
-// registers one vector of columns at a time (stride is a multiple of the lanes).
-template <typename T, int64_t D>
-inline void row_times(const T* __restrict__ a, const T* __restrict__ mt, int64_t stride,
-                      T* __restrict__ row, T factor) {
-  constexpr int64_t L = kLanes<T>;
-  for (int64_t j0 = 0; j0 < stride; j0 += L) {
-    T part[L] = {};
-    for (int64_t d = 0; d < D; ++d) {
-      const T ad = a[d];
-      const T* __restrict__ col = mt + d * stride + j0;
-#pragma omp simd
-      for (int64_t l = 0; l < L; ++l) part[l] += ad * col[l];
-    }
-#pragma omp simd
-    for (int64_t l = 0; l < L; ++l) row[j0 + l] = part[l] * factor;
-  }
-}
-
 // Sizes and strides of one call, in elements.
 struct Layout {
   int64_t cells, tokens, heads, head_dim;
@@ -187,115 +167,211 @@ struct Layout {
   int64_t width;         // heads * head_dim, the row length of the output
 };
 
+// Heads computed side by side, one per vector lane: every step of the attention of one
+// head (scores, softmax, weighted sums) is the same step for the other heads of the cell,
+// so with the heads in the lanes the softmax needs no reduction across lanes and every
+// accumulator is a whole vector. A cell with fewer heads pads the group with zeros.
+constexpr int64_t kHeadGroup = 8;
+
+// One group of heads of one cell, transposed from (token, head, dim) to
+// (token, dim, head) and converted from the storage type S to the compute type T: src
+// points at the first head of the group in token 0.
+template <typename S, typename T, int64_t D>
+inline void gather_group(const S* src, int64_t token_stride, int64_t tokens, int64_t in_group,
+                         T* __restrict__ dst) {
+  constexpr int64_t G = kHeadGroup;
+  for (int64_t j = 0; j < tokens; ++j) {
+    const S* row = src + j * token_stride;
+    T* out = dst + j * D * G;
+    for (int64_t g = 0; g < G; ++g) {
+      for (int64_t d = 0; d < D; ++d) {
+        out[d * G + g] = g < in_group ? static_cast<T>(row[g * D + d]) : T(0);
+      }
+    }
+  }
+}
+
+// The inverse of gather_group for the heads that exist.
+template <typename S, typename T, int64_t D>
+inline void scatter_group(const T* __restrict__ src, int64_t tokens, int64_t in_group,
+                          S* dst, int64_t token_stride) {
+  constexpr int64_t G = kHeadGroup;
+  for (int64_t j = 0; j < tokens; ++j) {
+    const T* in = src + j * D * G;
+    S* row = dst + j * token_stride;
+    for (int64_t g = 0; g < in_group; ++g) {
+      for (int64_t d = 0; d < D; ++d) row[g * D + d] = static_cast<S>(in[d * G + g]);
+    }
+  }
+}
+
+// out[g] = factor * sum_d a[d * G + g] * b[d * G + g]: one score per head of the group.
 template <typename T, int64_t D>
-void forward_kernel(const T* qkv, T* out, T* lse, const Layout& s, T scale) {
-  const int64_t t_n = s.tokens, d_n = D, problems = s.cells * s.heads;
-  at::parallel_for(0, problems, 1, [&](int64_t begin, int64_t end) {
-    const int64_t t_pad = padded(t_n, kLanes<T>);
-    std::vector<T> keys_t(d_n * t_pad, T(0)), values(t_n * d_n), row(t_pad);
+inline void head_dots(const T* __restrict__ a, const T* __restrict__ b, T factor,
+                      T* __restrict__ out) {
+  constexpr int64_t G = kHeadGroup;
+  T acc[G] = {};
+  for (int64_t d = 0; d < D; ++d) {
+#pragma omp simd
+    for (int64_t g = 0; g < G; ++g) acc[g] += a[d * G + g] * b[d * G + g];
+  }
+#pragma omp simd
+  for (int64_t g = 0; g < G; ++g) out[g] = acc[g] * factor;
+}
+
+template <typename S, typename T, int64_t D>
+void forward_kernel(const S* qkv, S* out, T* lse, const Layout& s, T scale) {
+  constexpr int64_t G = kHeadGroup;
+  const int64_t t_n = s.tokens, groups = (s.heads + G - 1) / G;
+  at::parallel_for(0, s.cells * groups, 1, [&](int64_t begin, int64_t end) {
+    const int64_t block = t_n * D * G;
+    std::vector<T> buffer(3 * block + t_n * G + block);
+    T* q = buffer.data();
+    T* k = q + block;
+    T* v = k + block;
+    T* weights = v + block;      // (key, head) of one query
+    T* result = weights + t_n * G;  // (token, dim, head), the normalised output
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t cell = b / s.heads, head = b % s.heads;
-      const T* base = qkv + cell * s.cell_stride + head * d_n;
-      const T* q = base;
-      const T* k = base + s.width;
-      const T* v = base + 2 * s.width;
-      for (int64_t j = 0; j < t_n; ++j) {
-        for (int64_t d = 0; d < d_n; ++d) {
-          keys_t[d * t_pad + j] = k[j * s.token_stride + d];
-          values[j * d_n + d] = v[j * s.token_stride + d];
+      const int64_t cell = b / groups, h0 = (b % groups) * G;
+      const int64_t in_group = std::min(G, s.heads - h0);
+      const S* base = qkv + cell * s.cell_stride + h0 * D;
+      gather_group<S, T, D>(base, s.token_stride, t_n, in_group, q);
+      gather_group<S, T, D>(base + s.width, s.token_stride, t_n, in_group, k);
+      gather_group<S, T, D>(base + 2 * s.width, s.token_stride, t_n, in_group, v);
+      for (int64_t i = 0; i < t_n; ++i) {
+        const T* qi = q + i * D * G;
+        T top[G];
+        head_dots<T, D>(qi, k, scale, weights);
+#pragma omp simd
+        for (int64_t g = 0; g < G; ++g) top[g] = weights[g];
+        for (int64_t j = 1; j < t_n; ++j) {
+          T* wj = weights + j * G;
+          head_dots<T, D>(qi, k + j * D * G, scale, wj);
+#pragma omp simd
+          for (int64_t g = 0; g < G; ++g) top[g] = std::max(top[g], wj[g]);
+        }
+        T total[G] = {};
+        T acc[D * G] = {};
+        for (int64_t j = 0; j < t_n; ++j) {
+          T* wj = weights + j * G;
+          const T* vj = v + j * D * G;
+#pragma omp simd
+          for (int64_t g = 0; g < G; ++g) {
+            wj[g] = exp_nonpositive(wj[g] - top[g]);
+            total[g] += wj[g];
+          }
+          for (int64_t d = 0; d < D; ++d) {
+#pragma omp simd
+            for (int64_t g = 0; g < G; ++g) acc[d * G + g] += wj[g] * vj[d * G + g];
+          }
+        }
+        T inv[G];
+        for (int64_t g = 0; g < G; ++g) inv[g] = T(1) / total[g];
+        T* ri = result + i * D * G;
+        for (int64_t d = 0; d < D; ++d) {
+#pragma omp simd
+          for (int64_t g = 0; g < G; ++g) ri[d * G + g] = acc[d * G + g] * inv[g];
+        }
+        for (int64_t g = 0; g < in_group; ++g) {
+          lse[(cell * s.heads + h0 + g) * t_n + i] = top[g] + std::log(total[g]);
         }
       }
+      scatter_group<S, T, D>(result, t_n, in_group, out + cell * t_n * s.width + h0 * D, s.width);
+    }
+  });
+}
+
+template <typename S, typename T, int64_t D>
+void backward_kernel(const S* grad_out, const S* qkv, const T* lse, S* grad_qkv,
+                     const Layout& s, T scale) {
+  constexpr int64_t G = kHeadGroup;
+  const int64_t t_n = s.tokens, groups = (s.heads + G - 1) / G;
+  at::parallel_for(0, s.cells * groups, 1, [&](int64_t begin, int64_t end) {
+    const int64_t block = t_n * D * G, square = t_n * t_n * G;
+    std::vector<T> buffer(5 * block + t_n * G + 2 * square);
+    T* q = buffer.data();
+    T* k = q + block;
+    T* v = k + block;
+    T* go = v + block;               // gradient of the output, (token, dim, head)
+    T* grad = go + block;            // gradient of q, k or v of the group, in turn
+    T* row_lse = grad + block;       // (query, head)
+    T* weights = row_lse + t_n * G;  // (query, key, head)
+    T* grad_s = weights + square;    // gradient of the scores, (query, key, head)
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t cell = b / groups, h0 = (b % groups) * G;
+      const int64_t in_group = std::min(G, s.heads - h0);
+      const int64_t offset = cell * s.cell_stride + h0 * D;
+      gather_group<S, T, D>(qkv + offset, s.token_stride, t_n, in_group, q);
+      gather_group<S, T, D>(qkv + offset + s.width, s.token_stride, t_n, in_group, k);
+      gather_group<S, T, D>(qkv + offset + 2 * s.width, s.token_stride, t_n, in_group, v);
+      gather_group<S, T, D>(grad_out + cell * t_n * s.width + h0 * D, s.width, t_n, in_group, go);
       for (int64_t i = 0; i < t_n; ++i) {
-        row_times<T, D>(q + i * s.token_stride, keys_t.data(), t_pad, row.data(), scale);
-        T top = row[0];
-#pragma omp simd reduction(max : top)
-        for (int64_t j = 1; j < t_n; ++j) top = std::max(top, row[j]);
-#pragma omp simd
-        for (int64_t j = 0; j < t_n; ++j) row[j] = exp_nonpositive(row[j] - top);
-        T total = 0;
-#pragma omp simd reduction(+ : total)
-        for (int64_t j = 0; j < t_n; ++j) total += row[j];
-        const T inv = T(1) / total;
-        lse[b * t_n + i] = top + std::log(total);
-        T sum[D] = {};  // in registers: the head size is a compile-time constant
-        for (int64_t j = 0; j < t_n; ++j) {
-          const T p = row[j] * inv;
-          const T* __restrict__ vj = values.data() + j * d_n;
-#pragma omp simd
-          for (int64_t d = 0; d < d_n; ++d) sum[d] += p * vj[d];
+        for (int64_t g = 0; g < G; ++g) {
+          row_lse[i * G + g] = g < in_group ? lse[(cell * s.heads + h0 + g) * t_n + i] : T(0);
         }
-        T* __restrict__ oi = out + (cell * t_n + i) * s.width + head * d_n;
-        for (int64_t d = 0; d < d_n; ++d) oi[d] = sum[d];
+      }
+      // rows: the weights again (from the scores and the saved log-sum-exp; padded heads
+      // get weight 1 and gradient 0), the gradient of the scores, and that of the queries
+      S* dst = grad_qkv + offset;
+      for (int64_t i = 0; i < t_n; ++i) {
+        const T* qi = q + i * D * G;
+        const T* goi = go + i * D * G;
+        const T* li = row_lse + i * G;
+        T* wi = weights + i * t_n * G;
+        T* si = grad_s + i * t_n * G;
+        T dot[G] = {};
+        for (int64_t j = 0; j < t_n; ++j) {
+          T* wij = wi + j * G;
+          T* sij = si + j * G;
+          head_dots<T, D>(qi, k + j * D * G, scale, wij);
+          head_dots<T, D>(goi, v + j * D * G, T(1), sij);
+#pragma omp simd
+          for (int64_t g = 0; g < G; ++g) {
+            wij[g] = exp_nonpositive(std::min(wij[g] - li[g], T(0)));
+            dot[g] += wij[g] * sij[g];
+          }
+        }
+        T acc[D * G] = {};
+        for (int64_t j = 0; j < t_n; ++j) {
+          T* sij = si + j * G;
+          const T* kj = k + j * D * G;
+#pragma omp simd
+          for (int64_t g = 0; g < G; ++g) sij[g] = wi[j * G + g] * (sij[g] - dot[g]) * scale;
+          for (int64_t d = 0; d < D; ++d) {
+#pragma omp simd
+            for (int64_t g = 0; g < G; ++g) acc[d * G + g] += sij[g] * kj[d * G + g];
+          }
+        }
+        T* gi = grad + i * D * G;
+        for (int64_t d = 0; d < D * G; ++d) gi[d] = acc[d];
+      }
+      scatter_group<S, T, D>(grad, t_n, in_group, dst, s.token_stride);
+      // columns: the gradients of the keys and of the values
+      for (int pass = 0; pass < 2; ++pass) {
+        const T* coef = pass == 0 ? grad_s : weights;
+        const T* rows = pass == 0 ? q : go;
+        for (int64_t j = 0; j < t_n; ++j) {
+          T acc[D * G] = {};
+          for (int64_t i = 0; i < t_n; ++i) {
+            const T* cij = coef + (i * t_n + j) * G;
+            const T* ri = rows + i * D * G;
+            for (int64_t d = 0; d < D; ++d) {
+#pragma omp simd
+              for (int64_t g = 0; g < G; ++g) acc[d * G + g] += cij[g] * ri[d * G + g];
+            }
+          }
+          T* gj = grad + j * D * G;
+          for (int64_t d = 0; d < D * G; ++d) gj[d] = acc[d];
+        }
+        scatter_group<S, T, D>(grad, t_n, in_group, dst + (pass + 1) * s.width, s.token_stride);
       }
     }
   });
 }
 
-template <typename T, int64_t D>
-void backward_kernel(const T* grad_out, const T* qkv, const T* lse, T* grad_qkv,
-                     const Layout& s, T scale) {
-  const int64_t t_n = s.tokens, d_n = D, problems = s.cells * s.heads;
-  at::parallel_for(0, problems, 1, [&](int64_t begin, int64_t end) {
-    const int64_t t_pad = padded(t_n, kLanes<T>);
-    std::vector<T> queries(t_n * d_n), keys(t_n * d_n), values_t(d_n * t_pad, T(0));
-    std::vector<T> keys_t(d_n * t_pad, T(0)), grad_k(t_n * d_n), grad_v(t_n * d_n);
-    std::vector<T> row(t_pad), weights(t_pad);
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t cell = b / s.heads, head = b % s.heads;
-      const int64_t offset = cell * s.cell_stride + head * d_n;
-      const T* base = qkv + offset;
-      for (int64_t j = 0; j < t_n; ++j) {
-        for (int64_t d = 0; d < d_n; ++d) {
-          queries[j * d_n + d] = base[j * s.token_stride + d];
-          keys[j * d_n + d] = keys_t[d * t_pad + j] = base[j * s.token_stride + s.width + d];
-          values_t[d * t_pad + j] = base[j * s.token_stride + 2 * s.width + d];
-        }
-      }
-      std::fill(grad_k.begin(), grad_k.end(), T(0));
-      std::fill(grad_v.begin(), grad_v.end(), T(0));
-      T* gq = grad_qkv + offset;
-      for (int64_t i = 0; i < t_n; ++i) {
-        const T* __restrict__ go = grad_out + (cell * t_n + i) * s.width + head * d_n;
-        // the weights of row i again, from the scores and the saved log-sum-exp
-        T* __restrict__ wi = weights.data();
-        row_times<T, D>(queries.data() + i * d_n, keys_t.data(), t_pad, wi, scale);
-        const T row_lse = lse[b * t_n + i];
-#pragma omp simd
-        for (int64_t j = 0; j < t_n; ++j) wi[j] = exp_nonpositive(wi[j] - row_lse);
-        // gradient of the weights of row i: go . v_j for every key j
-        row_times<T, D>(go, values_t.data(), t_pad, row.data(), T(1));
-        T dot = 0;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t j = 0; j < t_n; ++j) dot += wi[j] * row[j];
-        // through the softmax (and the scale) to the scores
-        for (int64_t j = 0; j < t_n; ++j) row[j] = wi[j] * (row[j] - dot) * scale;
-        T sum[D] = {};
-        const T* __restrict__ qi = queries.data() + i * d_n;
-        for (int64_t j = 0; j < t_n; ++j) {
-          const T g = row[j], p = wi[j];
-          const T* __restrict__ kj = keys.data() + j * d_n;
-          T* __restrict__ gkj = grad_k.data() + j * d_n;
-          T* __restrict__ gvj = grad_v.data() + j * d_n;
-#pragma omp simd
-          for (int64_t d = 0; d < d_n; ++d) {
-            sum[d] += g * kj[d];
-            gkj[d] += g * qi[d];
-            gvj[d] += p * go[d];
-          }
-        }
-        T* __restrict__ gqi = gq + i * s.token_stride;
-        for (int64_t d = 0; d < d_n; ++d) gqi[d] = sum[d];
-      }
-      for (int64_t j = 0; j < t_n; ++j) {
-        T* gkj = gq + j * s.token_stride + s.width;
-        T* gvj = gq + j * s.token_stride + 2 * s.width;
-        for (int64_t d = 0; d < d_n; ++d) {
-          gkj[d] = grad_k[j * d_n + d];
-          gvj[d] = grad_v[j * d_n + d];
-        }
-      }
-    }
-  });
+// bfloat16 inputs are computed in float32; float32 and float64 in their own type.
+at::ScalarType compute_type(at::ScalarType storage) {
+  return storage == at::kBFloat16 ? at::kFloat : storage;
 }
 
 Layout layout_of(const torch::Tensor& qkv, int64_t heads) {
@@ -312,15 +388,17 @@ std::vector<torch::Tensor> attention_forward(const torch::Tensor& qkv, int64_t h
                                              double scale) {
   const Layout s = layout_of(qkv, heads);
   auto out = torch::empty({s.cells, s.tokens, s.width}, qkv.options());
-  auto lse = torch::empty({s.cells * s.heads, s.tokens}, qkv.options());
-  AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "fused_attention_forward", [&] {
+  auto lse = torch::empty({s.cells * s.heads, s.tokens},
+                          qkv.options().dtype(compute_type(qkv.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qkv.scalar_type(), "fused_attention_forward", [&] {
+    using compute_t = at::opmath_type<scalar_t>;
     const auto run = [&](auto kernel) {
-      kernel(qkv.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), s,
-             static_cast<scalar_t>(scale));
+      kernel(qkv.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<compute_t>(), s,
+             static_cast<compute_t>(scale));
     };
     switch (s.head_dim) {
-      case 4: run(forward_kernel<scalar_t, 4>); break;
-      case 8: run(forward_kernel<scalar_t, 8>); break;
+      case 4: run(forward_kernel<scalar_t, compute_t, 4>); break;
+      case 8: run(forward_kernel<scalar_t, compute_t, 8>); break;
       default: TORCH_CHECK(false, "head size must be 4 or 8");
     }
   });
@@ -330,20 +408,22 @@ std::vector<torch::Tensor> attention_forward(const torch::Tensor& qkv, int64_t h
 torch::Tensor attention_backward(const torch::Tensor& grad_out, const torch::Tensor& qkv,
                                  const torch::Tensor& lse, int64_t heads, double scale) {
   const Layout s = layout_of(qkv, heads);
-  auto grad = grad_out.contiguous();
+  auto grad = grad_out.to(qkv.scalar_type()).contiguous();
   TORCH_CHECK(grad.sizes() == torch::IntArrayRef({s.cells, s.tokens, s.width}),
               "gradient of the output has the wrong shape");
-  TORCH_CHECK(lse.is_contiguous() && lse.numel() == s.cells * s.heads * s.tokens,
-              "saved log-sum-exp has the wrong shape");
+  TORCH_CHECK(lse.is_contiguous() && lse.numel() == s.cells * s.heads * s.tokens &&
+                  lse.scalar_type() == compute_type(qkv.scalar_type()),
+              "saved log-sum-exp has the wrong shape or dtype");
   auto grad_qkv = torch::empty_like(qkv);
-  AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "fused_attention_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qkv.scalar_type(), "fused_attention_backward", [&] {
+    using compute_t = at::opmath_type<scalar_t>;
     const auto run = [&](auto kernel) {
-      kernel(grad.data_ptr<scalar_t>(), qkv.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
-             grad_qkv.data_ptr<scalar_t>(), s, static_cast<scalar_t>(scale));
+      kernel(grad.data_ptr<scalar_t>(), qkv.data_ptr<scalar_t>(), lse.data_ptr<compute_t>(),
+             grad_qkv.data_ptr<scalar_t>(), s, static_cast<compute_t>(scale));
     };
     switch (s.head_dim) {
-      case 4: run(backward_kernel<scalar_t, 4>); break;
-      case 8: run(backward_kernel<scalar_t, 8>); break;
+      case 4: run(backward_kernel<scalar_t, compute_t, 4>); break;
+      case 8: run(backward_kernel<scalar_t, compute_t, 8>); break;
       default: TORCH_CHECK(false, "head size must be 4 or 8");
     }
   });
