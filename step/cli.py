@@ -123,6 +123,10 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=_seed, default=0,
                        help="random seed in [0, 2**32) (default: %(default)s)")
     group.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: %(default)s)")
+    group.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+                       help="arithmetic of training: auto is bf16 where the CPU or GPU computes "
+                            "it natively and fp32 elsewhere (default: auto for single-cell "
+                            "data, fp32 with --spatial)")
     group.add_argument("--steps-per-epoch", type=_positive_int, metavar="N",
                        help="end each epoch after N mini-batches, so that validation, "
                             "checkpoints and --resume happen every N steps (for large data; "
@@ -520,6 +524,8 @@ def _fit(args: argparse.Namespace) -> int:
     checkpoints = _prepare_out(out, stale)
     train = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                  checkpoint_dir=checkpoints, resume=resume, verbose=not args.quiet)
+    if args.precision is not None:
+        train["precision"] = args.precision
     if args.spatial:
         _train(model.run, checkpoints, mode=args.mode, graph_epochs=args.graph_epochs, **train)
         model.cluster(args.n_clusters)

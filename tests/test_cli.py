@@ -97,6 +97,32 @@ def test_fit_single_cell(small_h5ad, tmp_path: Path, capsys) -> None:
 
 
 @pytest.mark.usefixtures("small_arch")
+def test_fit_passes_the_precision_to_training(small_h5ad, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from step.workflows import scModel
+
+    chosen = []
+    original = scModel.run
+
+    def run(self, *args, **kw):
+        out = original(self, *args, **kw)
+        chosen.append((kw.get("precision"), self.trainer.precision))
+        return out
+
+    monkeypatch.setattr(scModel, "run", run)
+    path, _ = small_h5ad
+    for i, extra in enumerate((["--precision", "fp32"], [])):
+        assert cli.main(["fit", str(path), "--out", str(tmp_path / f"o{i}"), "--epochs", "1",
+                         "--quiet", *extra]) == 0
+    from step.functionality.comps.trainer._device import native_bf16
+
+    assert chosen[0] == ("fp32", "fp32")
+    assert chosen[1] == (None, "bf16" if native_bf16(torch.device("cpu")) else "fp32")
+    with pytest.raises(SystemExit):
+        cli.main(["fit", str(path), "--out", str(tmp_path / "o3"), "--precision", "half"])
+
+
+@pytest.mark.usefixtures("small_arch")
 def test_fit_backed_reads_counts_from_disk(small_h5ad, tmp_path: Path) -> None:
     path, adata = small_h5ad
     out = tmp_path / "out"

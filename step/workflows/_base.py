@@ -142,6 +142,8 @@ class Workflow:
     #: Whether on-disk input (a backed AnnData, paths of .h5ad/.zarr files) is trained
     #: on from disk.
     supports_backed = False
+    #: ``Trainer(precision=...)`` when the caller gives neither ``precision`` nor ``amp``.
+    default_precision = "fp32"
 
     def __init__(
         self,
@@ -318,6 +320,8 @@ class Workflow:
             kw.setdefault("checkpoint_path", Path(checkpoint_dir) / CHECKPOINT_FILE)
             kw.setdefault("checkpoint_every", _DEFAULT_CHECKPOINT_EVERY)
         kw.setdefault("distributed", False)
+        if "precision" not in kw and "amp" not in kw:
+            kw["precision"] = self.default_precision
         self.trainer = Trainer(self.model, device=self.device, seed=self.seed,
                                callbacks=callbacks, verbose=verbose, **kw)
         return self.trainer

@@ -230,3 +230,21 @@ def test_resuming_a_finished_run_changes_nothing(pbmc_counts: ad.AnnData, tmp_pa
     pd.testing.assert_frame_equal(again.history.drop(columns="seconds"),
                                   first.history.drop(columns="seconds"))
     np.testing.assert_array_equal(again_data.obsm["X_rep"], cells.obsm["X_rep"])
+
+
+def test_training_precision_defaults_to_auto(pbmc_counts: ad.AnnData) -> None:
+    """bf16 where this machine computes it natively, fp32 elsewhere; ``precision`` and
+    ``amp`` still choose."""
+    from step.functionality.comps.trainer._device import native_bf16
+
+    cells = pbmc_counts[:64, :100].copy()
+    small = {"hidden_dim": 16, "n_modules": 4, "module_dim": 4, "n_layers": 1,
+             "latent_dim": 4}
+    expected = "bf16" if native_bf16(torch.device("cpu")) else "fp32"
+    model = scModel(cells, **small)
+    model.run(epochs=1, verbose=False)
+    assert model.trainer.precision == expected
+    assert np.isfinite(cells.obsm[ADATA_KEYS.X_REP]).all()
+    for kw in ({"precision": "fp32"}, {"amp": "fp32"}):
+        model.run(epochs=1, verbose=False, **kw)
+        assert model.trainer.precision == "fp32"

@@ -50,6 +50,12 @@ def two_stage(_spatial_session: ad.AnnData, one_thread_module: None):
     return adata, model, history, before
 
 
+def test_spatial_training_stays_in_full_precision(two_stage) -> None:
+    """Unlike scModel, stModel keeps fp32 unless asked: its quality has not been measured
+    in bf16."""
+    assert two_stage[1].trainer.precision == "fp32"
+
+
 @pytest.mark.slow
 def test_two_stage_finds_the_domains(two_stage) -> None:
     adata, model, history, before = two_stage
