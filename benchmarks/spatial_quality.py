@@ -69,7 +69,8 @@ def pca_rep(adata) -> np.ndarray:
     return np.asarray(work.obsm["X_pca"])
 
 
-def ours(adata, mode: str, seed: int, device: str) -> tuple[dict[str, float], float, int]:
+def ours(adata, mode: str, seed: int, device: str, precision: str | None = None
+         ) -> tuple[dict[str, float], float, int]:
     from step.workflows import stModel
     from step.workflows._cluster import spatial_majority_vote
 
@@ -80,7 +81,8 @@ def ours(adata, mode: str, seed: int, device: str) -> tuple[dict[str, float], fl
     t = time.perf_counter()
     model = stModel(work, section_key="section", batch_key="section" if multi else None,
                     seed=seed, device=device)
-    history = model.run(mode=mode, verbose=False)
+    history = model.run(mode=mode, verbose=False,
+                        **({"precision": precision} if precision else {}))
     secs = time.perf_counter() - t
     smoothed = kmeans(work.obsm["X_smoothed"], n, seed)
     scores = {"X_rep": ari(truth, kmeans(work.obsm["X_rep"], n, seed)),
@@ -181,6 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cases", nargs="+", choices=sorted(SPATIAL_BENCHMARK_CASES))
     parser.add_argument("--seeds", type=int, help="seeds per case (default 3; 1 with --quick)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--precision", choices=("fp32", "bf16", "auto"),
+                        help="train our rows in this precision (default: the workflow's, "
+                             "fp32); the rows' names say it")
     parser.add_argument("--name", default="spatial_quality",
                         help="base name of the result files (default: spatial_quality)")
     parser.add_argument("--merge", nargs="+", type=Path, default=[],
@@ -217,10 +222,11 @@ def main(argv: list[str] | None = None) -> None:
             for mode in ("two-stage", "end-to-end"):
                 if mode not in args.methods:
                     continue
-                print(f"[{case} seed {seed}] step stModel {mode}", flush=True)
-                scores, secs, epochs = ours(adata, mode, seed, args.device)
+                label = f"{mode} ({args.precision})" if args.precision else mode
+                print(f"[{case} seed {seed}] step stModel {label}", flush=True)
+                scores, secs, epochs = ours(adata, mode, seed, args.device, args.precision)
                 for key, value in scores.items():
-                    runs.add(case=case, seed=seed, method=f"step stModel {mode}, {key}",
+                    runs.add(case=case, seed=seed, method=f"step stModel {label}, {key}",
                              ari=value, seconds=secs, epochs_run=epochs)
             if "step-kit" in args.methods:
                 print(f"[{case} seed {seed}] step-kit stModel end to end", flush=True)

@@ -90,6 +90,41 @@ inline void normal_cdf_pdf(double u, double& cdf, double& pdf) {
   pdf = std::exp(-0.5 * u * u) * 0.39894228040143268;
 }
 
+// The attention kernel reads bfloat16 as its 16 bits (uint16_t) and converts them with
+// plain integer arithmetic, inlined: widening shifts the bits up, narrowing rounds to
+// the nearest even value and keeps NaN a NaN, as PyTorch does.
+inline float widen(uint16_t bits) {
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float value;
+  std::memcpy(&value, &wide, sizeof(value));
+  return value;
+}
+inline float widen(float value) { return value; }
+inline double widen(double value) { return value; }
+
+inline void narrow(float value, uint16_t& out) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  out = value != value ? static_cast<uint16_t>(0x7fc0) : static_cast<uint16_t>(rounded);
+}
+inline void narrow(float value, float& out) { out = value; }
+inline void narrow(double value, double& out) { out = value; }
+
+// The element type a kernel sees for a tensor of scalar_t.
+template <typename scalar_t>
+struct Storage { using type = scalar_t; };
+template <>
+struct Storage<at::BFloat16> { using type = uint16_t; };
+
+template <typename scalar_t>
+using storage_t = typename Storage<scalar_t>::type;
+
+template <typename scalar_t>
+storage_t<scalar_t>* elements(const torch::Tensor& t) {
+  return reinterpret_cast<storage_t<scalar_t>*>(t.data_ptr<scalar_t>());
+}
+
 // Rows of one piece of work of the GELU kernels.
 constexpr int64_t kGeluRows = 64;
 
@@ -185,7 +220,7 @@ inline void gather_group(const S* src, int64_t token_stride, int64_t tokens, int
     T* out = dst + j * D * G;
     for (int64_t g = 0; g < G; ++g) {
       for (int64_t d = 0; d < D; ++d) {
-        out[d * G + g] = g < in_group ? static_cast<T>(row[g * D + d]) : T(0);
+        out[d * G + g] = g < in_group ? widen(row[g * D + d]) : T(0);
       }
     }
   }
@@ -200,7 +235,7 @@ inline void scatter_group(const T* __restrict__ src, int64_t tokens, int64_t in_
     const T* in = src + j * D * G;
     S* row = dst + j * token_stride;
     for (int64_t g = 0; g < in_group; ++g) {
-      for (int64_t d = 0; d < D; ++d) row[g * D + d] = static_cast<S>(in[d * G + g]);
+      for (int64_t d = 0; d < D; ++d) narrow(in[d * G + g], row[g * D + d]);
     }
   }
 }
@@ -393,12 +428,12 @@ std::vector<torch::Tensor> attention_forward(const torch::Tensor& qkv, int64_t h
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qkv.scalar_type(), "fused_attention_forward", [&] {
     using compute_t = at::opmath_type<scalar_t>;
     const auto run = [&](auto kernel) {
-      kernel(qkv.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<compute_t>(), s,
+      kernel(elements<scalar_t>(qkv), elements<scalar_t>(out), lse.data_ptr<compute_t>(), s,
              static_cast<compute_t>(scale));
     };
     switch (s.head_dim) {
-      case 4: run(forward_kernel<scalar_t, compute_t, 4>); break;
-      case 8: run(forward_kernel<scalar_t, compute_t, 8>); break;
+      case 4: run(forward_kernel<storage_t<scalar_t>, compute_t, 4>); break;
+      case 8: run(forward_kernel<storage_t<scalar_t>, compute_t, 8>); break;
       default: TORCH_CHECK(false, "head size must be 4 or 8");
     }
   });
@@ -418,12 +453,12 @@ torch::Tensor attention_backward(const torch::Tensor& grad_out, const torch::Ten
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qkv.scalar_type(), "fused_attention_backward", [&] {
     using compute_t = at::opmath_type<scalar_t>;
     const auto run = [&](auto kernel) {
-      kernel(grad.data_ptr<scalar_t>(), qkv.data_ptr<scalar_t>(), lse.data_ptr<compute_t>(),
-             grad_qkv.data_ptr<scalar_t>(), s, static_cast<compute_t>(scale));
+      kernel(elements<scalar_t>(grad), elements<scalar_t>(qkv), lse.data_ptr<compute_t>(),
+             elements<scalar_t>(grad_qkv), s, static_cast<compute_t>(scale));
     };
     switch (s.head_dim) {
-      case 4: run(backward_kernel<scalar_t, compute_t, 4>); break;
-      case 8: run(backward_kernel<scalar_t, compute_t, 8>); break;
+      case 4: run(backward_kernel<storage_t<scalar_t>, compute_t, 4>); break;
+      case 8: run(backward_kernel<storage_t<scalar_t>, compute_t, 8>); break;
       default: TORCH_CHECK(false, "head size must be 4 or 8");
     }
   });
