@@ -124,9 +124,9 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
                        help="random seed in [0, 2**32) (default: %(default)s)")
     group.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: %(default)s)")
     group.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+                       default="auto",
                        help="arithmetic of training: auto is bf16 where the CPU or GPU computes "
-                            "it natively and fp32 elsewhere (default: auto for single-cell "
-                            "data, fp32 with --spatial)")
+                            "it natively and fp32 elsewhere (default: %(default)s)")
     group.add_argument("--steps-per-epoch", type=_positive_int, metavar="N",
                        help="end each epoch after N mini-batches, so that validation, "
                             "checkpoints and --resume happen every N steps (for large data; "
@@ -523,9 +523,8 @@ def _fit(args: argparse.Namespace) -> int:
         _check_resume_fits(model, resume)
     checkpoints = _prepare_out(out, stale)
     train = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                 checkpoint_dir=checkpoints, resume=resume, verbose=not args.quiet)
-    if args.precision is not None:
-        train["precision"] = args.precision
+                 precision=args.precision, checkpoint_dir=checkpoints, resume=resume,
+                 verbose=not args.quiet)
     if args.spatial:
         _train(model.run, checkpoints, mode=args.mode, graph_epochs=args.graph_epochs, **train)
         model.cluster(args.n_clusters)

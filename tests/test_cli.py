@@ -117,7 +117,7 @@ def test_fit_passes_the_precision_to_training(small_h5ad, tmp_path: Path,
     from step.functionality.comps.trainer._device import native_bf16
 
     assert chosen[0] == ("fp32", "fp32")
-    assert chosen[1] == (None, "bf16" if native_bf16(torch.device("cpu")) else "fp32")
+    assert chosen[1] == ("auto", "bf16" if native_bf16(torch.device("cpu")) else "fp32")
     with pytest.raises(SystemExit):
         cli.main(["fit", str(path), "--out", str(tmp_path / "o3"), "--precision", "half"])
 

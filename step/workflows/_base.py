@@ -142,8 +142,11 @@ class Workflow:
     #: Whether on-disk input (a backed AnnData, paths of .h5ad/.zarr files) is trained
     #: on from disk.
     supports_backed = False
-    #: ``Trainer(precision=...)`` when the caller gives neither ``precision`` nor ``amp``.
-    default_precision = "fp32"
+    #: ``Trainer(precision=...)`` when the caller gives neither ``precision`` nor ``amp``:
+    #: bf16 where the hardware computes it natively, fp32 elsewhere. Both workflows gave
+    #: the quality of fp32 in bf16 (``benchmarks/quality.py``,
+    #: ``benchmarks/spatial_quality.py --precision bf16``).
+    default_precision = "auto"
 
     def __init__(
         self,

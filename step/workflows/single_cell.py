@@ -108,7 +108,6 @@ class scModel(Workflow):  # noqa: N801 - the name users know from STEP
 
     workflow_name = "scModel"
     supports_backed = True
-    default_precision = "auto"
 
     def __init__(
         self,
@@ -210,7 +209,7 @@ class scModel(Workflow):  # noqa: N801 - the name users know from STEP
             embedding quality of fp32 (Leiden ARI against ``bulk_labels`` at resolution
             0.5 / 1.0 / 10 clusters: 0.590 / 0.507 / 0.514 against 0.590 / 0.501 / 0.512,
             ``benchmarks/quality.py``) in 0.62 times the training time. Pass
-            ``precision="fp32"`` for full precision everywhere.
+            ``precision="fp32"`` for full precision on every machine.
 
         Returns
         -------
