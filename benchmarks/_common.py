@@ -534,7 +534,8 @@ class pytorch_attention:  # noqa: N801 - used as a context manager
     active (in this process only).
 
     On CPUs the library computes self-attention with its fused kernel (heads of 4 or 8
-    dimensions in full precision) or as two batched matmuls and a softmax
+    dimensions, in full precision and under bf16 autocast) or as two batched matmuls and
+    a softmax
     (``step.models._blocks._EncoderLayer``); with 33 tokens and heads of 8-16 dimensions
     either is faster than PyTorch's CPU flash-attention kernel, above all under bf16
     autocast. This context puts the parent class's attention back, so the benchmarks can

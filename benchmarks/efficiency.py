@@ -17,10 +17,10 @@ For each configuration the script
    at least 50 % on CPU).
 
 Rows cover both transformer sizes (3 layers / 8 heads as in step-kit, and 2 layers /
-4 heads, our default), fp32 and bf16 autocast, with the library as shipped (on CPUs in
-fp32, fused kernels for attention with heads of 4 or 8 dimensions and for the
-feed-forward bias and GELU; otherwise self-attention as two batched matmuls and a
-softmax) and, for comparison, with PyTorch's own attention kernel put back in this
+4 heads, our default), fp32 and bf16 autocast, with the library as shipped (on CPUs a
+fused kernel for attention with heads of 4 or 8 dimensions, in fp32 and under bf16
+autocast, and one for the feed-forward bias and GELU in fp32; otherwise self-attention
+as two batched matmuls and a softmax) and, for comparison, with PyTorch's own attention kernel put back in this
 process (``_common.pytorch_attention``).
 ``torch.profiler`` tables of the shipped step (same architecture) show where the time
 goes.
@@ -252,9 +252,10 @@ def main(argv: list[str] | None = None) -> None:
         "peak = the best median rate over the model's GEMM shapes in that dtype, measured "
         "right before and right after the row and averaged (the machine is shared; see the "
         "GEMM table for every shape).",
-        "shipped: on CPUs in fp32 the library runs attention with heads of 4 or 8 "
-        "dimensions through its fused kernel (otherwise as matmul-softmax-matmul) and the "
-        "feed-forward bias and GELU through another; PyTorch kernel: the encoder layers use "
+        "shipped: on CPUs the library runs attention with heads of 4 or 8 dimensions "
+        "through its fused kernel, in fp32 and under bf16 autocast (otherwise as "
+        "matmul-softmax-matmul), and in fp32 the feed-forward bias and GELU through "
+        "another; PyTorch kernel: the encoder layers use "
         "PyTorch's scaled_dot_product_attention (its CPU flash-attention kernel) for "
         "attention instead, in this process only, to show what the shipped path gains.",
     ]
