@@ -236,6 +236,24 @@ def test_demo_in_a_subprocess(tmp_path: Path, pbmc_counts: ad.AnnData) -> None:
     assert "bulk_labels" in result.obs
 
 
+@pytest.mark.usefixtures("small_arch")
+def test_demo_trains_in_full_precision_on_every_machine(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from step.workflows import scModel
+
+    chosen = []
+    original = scModel.run
+
+    def run(self, *args, **kw):
+        out = original(self, *args, **kw)
+        chosen.append(self.trainer.precision)
+        return out
+
+    monkeypatch.setattr(scModel, "run", run)
+    assert cli.main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "1", "--quiet"]) == 0
+    assert chosen == ["fp32"]
+
+
 def test_interrupt_saves_a_checkpoint_and_exits_130(small_h5ad, tmp_path: Path) -> None:
     path, _ = small_h5ad
     out = tmp_path / "out"
