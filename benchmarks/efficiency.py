@@ -20,8 +20,8 @@ Rows cover both transformer sizes (3 layers / 8 heads as in step-kit, and 2 laye
 4 heads, our default), fp32 and bf16 autocast, with the library as shipped (on CPUs a
 fused kernel for attention with heads of 4 or 8 dimensions, in fp32 and under bf16
 autocast, and one for the feed-forward bias and GELU in fp32; otherwise self-attention
-as two batched matmuls and a softmax) and, for comparison, with PyTorch's own attention kernel put back in this
-process (``_common.pytorch_attention``).
+as two batched matmuls and a softmax) and, for comparison, with PyTorch's own attention
+kernel put back in this process (``_common.pytorch_attention``).
 ``torch.profiler`` tables of the shipped step (same architecture) show where the time
 goes.
 

@@ -250,6 +250,9 @@ def test_demo_trains_in_full_precision_on_every_machine(tmp_path: Path,
         return out
 
     monkeypatch.setattr(scModel, "run", run)
+    # as on a CPU with native bf16, where "auto" would pick bf16
+    monkeypatch.setattr("step.functionality.comps.trainer._device.native_bf16",
+                        lambda device: True)
     assert cli.main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "1", "--quiet"]) == 0
     assert chosen == ["fp32"]
 

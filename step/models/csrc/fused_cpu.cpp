@@ -90,41 +90,6 @@ inline void normal_cdf_pdf(double u, double& cdf, double& pdf) {
   pdf = std::exp(-0.5 * u * u) * 0.39894228040143268;
 }
 
-// The attention kernel reads bfloat16 as its 16 bits (uint16_t) and converts them with
-// plain integer arithmetic, inlined: widening shifts the bits up, narrowing rounds to
-// the nearest even value and keeps NaN a NaN, as PyTorch does.
-inline float widen(uint16_t bits) {
-  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
-  float value;
-  std::memcpy(&value, &wide, sizeof(value));
-  return value;
-}
-inline float widen(float value) { return value; }
-inline double widen(double value) { return value; }
-
-inline void narrow(float value, uint16_t& out) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
-  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-  out = value != value ? static_cast<uint16_t>(0x7fc0) : static_cast<uint16_t>(rounded);
-}
-inline void narrow(float value, float& out) { out = value; }
-inline void narrow(double value, double& out) { out = value; }
-
-// The element type a kernel sees for a tensor of scalar_t.
-template <typename scalar_t>
-struct Storage { using type = scalar_t; };
-template <>
-struct Storage<at::BFloat16> { using type = uint16_t; };
-
-template <typename scalar_t>
-using storage_t = typename Storage<scalar_t>::type;
-
-template <typename scalar_t>
-storage_t<scalar_t>* elements(const torch::Tensor& t) {
-  return reinterpret_cast<storage_t<scalar_t>*>(t.data_ptr<scalar_t>());
-}
-
 // Rows of one piece of work of the GELU kernels.
 constexpr int64_t kGeluRows = 64;
 
@@ -208,6 +173,41 @@ struct Layout {
 // accumulator is a whole vector. A cell with fewer heads pads the group with zeros.
 constexpr int64_t kHeadGroup = 8;
 
+// The attention kernel reads bfloat16 as its 16 bits (uint16_t) and converts them with
+// plain integer arithmetic, inlined: widening shifts the bits up, narrowing rounds to
+// the nearest even value and keeps NaN a NaN, as PyTorch does.
+inline float widen(uint16_t bits) {
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float value;
+  std::memcpy(&value, &wide, sizeof(value));
+  return value;
+}
+inline float widen(float value) { return value; }
+inline double widen(double value) { return value; }
+
+inline void narrow(float value, uint16_t& out) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  out = value != value ? static_cast<uint16_t>(0x7fc0) : static_cast<uint16_t>(rounded);
+}
+inline void narrow(float value, float& out) { out = value; }
+inline void narrow(double value, double& out) { out = value; }
+
+// The element type a kernel sees for a tensor of scalar_t.
+template <typename scalar_t>
+struct Storage { using type = scalar_t; };
+template <>
+struct Storage<at::BFloat16> { using type = uint16_t; };
+
+template <typename scalar_t>
+using storage_t = typename Storage<scalar_t>::type;
+
+template <typename scalar_t>
+storage_t<scalar_t>* elements(const torch::Tensor& t) {
+  return reinterpret_cast<storage_t<scalar_t>*>(t.data_ptr<scalar_t>());
+}
+
 // One group of heads of one cell, transposed from (token, head, dim) to
 // (token, dim, head) and converted from the storage type S to the compute type T: src
 // points at the first head of the group in token 0.
@@ -264,7 +264,7 @@ void forward_kernel(const S* qkv, S* out, T* lse, const Layout& s, T scale) {
     T* q = buffer.data();
     T* k = q + block;
     T* v = k + block;
-    T* weights = v + block;      // (key, head) of one query
+    T* weights = v + block;         // (key, head) of one query
     T* result = weights + t_n * G;  // (token, dim, head), the normalised output
     for (int64_t b = begin; b < end; ++b) {
       const int64_t cell = b / groups, h0 = (b % groups) * G;
@@ -311,7 +311,8 @@ void forward_kernel(const S* qkv, S* out, T* lse, const Layout& s, T scale) {
           lse[(cell * s.heads + h0 + g) * t_n + i] = top[g] + std::log(total[g]);
         }
       }
-      scatter_group<S, T, D>(result, t_n, in_group, out + cell * t_n * s.width + h0 * D, s.width);
+      scatter_group<S, T, D>(result, t_n, in_group, out + cell * t_n * s.width + h0 * D,
+                             s.width);
     }
   });
 }
@@ -339,7 +340,8 @@ void backward_kernel(const S* grad_out, const S* qkv, const T* lse, S* grad_qkv,
       gather_group<S, T, D>(qkv + offset, s.token_stride, t_n, in_group, q);
       gather_group<S, T, D>(qkv + offset + s.width, s.token_stride, t_n, in_group, k);
       gather_group<S, T, D>(qkv + offset + 2 * s.width, s.token_stride, t_n, in_group, v);
-      gather_group<S, T, D>(grad_out + cell * t_n * s.width + h0 * D, s.width, t_n, in_group, go);
+      gather_group<S, T, D>(grad_out + cell * t_n * s.width + h0 * D, s.width, t_n, in_group,
+                            go);
       for (int64_t i = 0; i < t_n; ++i) {
         for (int64_t g = 0; g < G; ++g) {
           row_lse[i * G + g] = g < in_group ? lse[(cell * s.heads + h0 + g) * t_n + i] : T(0);
@@ -404,11 +406,6 @@ void backward_kernel(const S* grad_out, const S* qkv, const T* lse, S* grad_qkv,
   });
 }
 
-// bfloat16 inputs are computed in float32; float32 and float64 in their own type.
-at::ScalarType compute_type(at::ScalarType storage) {
-  return storage == at::kBFloat16 ? at::kFloat : storage;
-}
-
 Layout layout_of(const torch::Tensor& qkv, int64_t heads) {
   TORCH_CHECK(qkv.dim() == 3, "packed projection must be (cells, tokens, 3 * width)");
   TORCH_CHECK(qkv.is_contiguous(), "packed projection must be contiguous");
@@ -424,7 +421,7 @@ std::vector<torch::Tensor> attention_forward(const torch::Tensor& qkv, int64_t h
   const Layout s = layout_of(qkv, heads);
   auto out = torch::empty({s.cells, s.tokens, s.width}, qkv.options());
   auto lse = torch::empty({s.cells * s.heads, s.tokens},
-                          qkv.options().dtype(compute_type(qkv.scalar_type())));
+                          qkv.options().dtype(at::toOpMathType(qkv.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qkv.scalar_type(), "fused_attention_forward", [&] {
     using compute_t = at::opmath_type<scalar_t>;
     const auto run = [&](auto kernel) {
@@ -447,7 +444,7 @@ torch::Tensor attention_backward(const torch::Tensor& grad_out, const torch::Ten
   TORCH_CHECK(grad.sizes() == torch::IntArrayRef({s.cells, s.tokens, s.width}),
               "gradient of the output has the wrong shape");
   TORCH_CHECK(lse.is_contiguous() && lse.numel() == s.cells * s.heads * s.tokens &&
-                  lse.scalar_type() == compute_type(qkv.scalar_type()),
+                  lse.scalar_type() == at::toOpMathType(qkv.scalar_type()),
               "saved log-sum-exp has the wrong shape or dtype");
   auto grad_qkv = torch::empty_like(qkv);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qkv.scalar_type(), "fused_attention_backward", [&] {
