@@ -8,6 +8,8 @@ from typing import Any
 import anndata as ad
 import numpy as np
 
+from step.utils.threads import keep_torch_threads
+
 __all__ = [
     "CLUSTER_METHODS",
     "cluster_labels",
@@ -37,7 +39,7 @@ def neighbor_graph(rep: np.ndarray, *, n_neighbors: int = 15, seed: int = 0) -> 
     tmp = ad.AnnData(np.zeros((rep.shape[0], 0), dtype=np.float32))
     tmp.obsm["rep"] = rep
     n_neighbors = max(2, min(int(n_neighbors), rep.shape[0] - 1))
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), keep_torch_threads():
         warnings.simplefilter("ignore")
         sc.pp.neighbors(tmp, use_rep="rep", n_neighbors=n_neighbors, random_state=seed)
     return tmp

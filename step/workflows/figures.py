@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from step.utils.files import write_atomic
+from step.utils.threads import keep_torch_threads
 
 __all__ = ["plot_loss_curves", "plot_spatial", "plot_umap", "umap_coordinates"]
 
@@ -97,7 +98,7 @@ def umap_coordinates(rep: np.ndarray, *, n_neighbors: int = 15, seed: int = 0) -
     rep = np.asarray(rep, dtype=np.float32)
     tmp = ad.AnnData(np.zeros((rep.shape[0], 0), dtype=np.float32))
     tmp.obsm["rep"] = rep
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), keep_torch_threads():
         warnings.simplefilter("ignore")
         sc.pp.neighbors(tmp, use_rep="rep", n_neighbors=min(n_neighbors, rep.shape[0] - 1),
                         random_state=seed)

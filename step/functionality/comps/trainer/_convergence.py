@@ -10,6 +10,8 @@ import torch
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
+from step.utils.threads import keep_torch_threads
+
 
 def cluster_embedding(emb: np.ndarray, n_clusters: int | None, method: str, seed: int = 0,
                       resolution: float = 1.0) -> np.ndarray:
@@ -25,7 +27,8 @@ def cluster_embedding(emb: np.ndarray, n_clusters: int | None, method: str, seed
 
         tmp = ad.AnnData(np.zeros((len(emb), 0), dtype=np.float32))
         tmp.obsm["X_emb"] = emb
-        sc.pp.neighbors(tmp, use_rep="X_emb", random_state=seed)
+        with keep_torch_threads():
+            sc.pp.neighbors(tmp, use_rep="X_emb", random_state=seed)
         sc.tl.leiden(tmp, resolution=resolution, random_state=seed, flavor="igraph",
                      n_iterations=2, directed=False)
         return tmp.obs["leiden"].to_numpy()
