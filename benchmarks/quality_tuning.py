@@ -85,8 +85,8 @@ CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
                                           "200 epochs"),
 }
 
-#: The current scModel defaults (``nb_latent_16_dropout_0``); the ``defaults_*`` rows
-#: change one setting from them.
+#: The scModel defaults the fourth screen chose (``nb_latent_16_dropout_0``); the
+#: ``defaults_*`` rows change one setting from them.
 _DEFAULTS: dict[str, Any] = {**_NB16, "dropout": 0.0}
 CONFIGS.update({
     "defaults_kl_0.03": ({**_DEFAULTS, "kl_weight": 0.03}, {}, "current defaults, KL weight 0.03"),
@@ -97,12 +97,12 @@ CONFIGS.update({
                            "current defaults, latent size 10"),
     "defaults_layers_1": ({**_DEFAULTS, "n_layers": 1}, {}, "current defaults, 1 layer"),
     "defaults_layers_3": ({**_DEFAULTS, "n_layers": 3}, {}, "current defaults, 3 layers"),
-    "defaults_lr_5e-4": ({**_DEFAULTS}, {"lr": 5e-4}, "current defaults, learning rate 5e-4"),
-    "defaults_lr_2e-3": ({**_DEFAULTS}, {"lr": 2e-3}, "current defaults, learning rate 2e-3"),
-    "defaults_epochs_150": ({**_DEFAULTS}, {"epochs": 150}, "current defaults, 150 epochs"),
-    "defaults_batch_256": ({**_DEFAULTS}, {"batch_size": 256},
+    "defaults_lr_5e-4": (_DEFAULTS, {"lr": 5e-4}, "current defaults, learning rate 5e-4"),
+    "defaults_lr_2e-3": (_DEFAULTS, {"lr": 2e-3}, "current defaults, learning rate 2e-3"),
+    "defaults_epochs_150": (_DEFAULTS, {"epochs": 150}, "current defaults, 150 epochs"),
+    "defaults_batch_256": (_DEFAULTS, {"batch_size": 256},
                            "current defaults, batch 256 (half the steps)"),
-    "defaults_no_split": ({**_DEFAULTS}, {"split_rate": 0.0},
+    "defaults_no_split": (_DEFAULTS, {"split_rate": 0.0},
                           "current defaults, no validation split (no early stopping)"),
 })
 

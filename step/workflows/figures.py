@@ -18,6 +18,7 @@ import pandas as pd
 
 from step.utils.files import write_atomic
 from step.utils.threads import keep_torch_threads
+from step.workflows._cluster import neighbor_graph
 
 __all__ = ["plot_loss_curves", "plot_spatial", "plot_umap", "umap_coordinates"]
 
@@ -95,15 +96,12 @@ def umap_coordinates(rep: np.ndarray, *, n_neighbors: int = 15, seed: int = 0) -
     """Two-dimensional UMAP of an embedding (scanpy ``neighbors`` + ``umap``)."""
     import scanpy as sc
 
-    rep = np.asarray(rep, dtype=np.float32)
-    tmp = ad.AnnData(np.zeros((rep.shape[0], 0), dtype=np.float32))
-    tmp.obsm["rep"] = rep
+    graph = neighbor_graph(np.asarray(rep, dtype=np.float32), n_neighbors=n_neighbors,
+                           seed=seed)
     with warnings.catch_warnings(), keep_torch_threads():
         warnings.simplefilter("ignore")
-        sc.pp.neighbors(tmp, use_rep="rep", n_neighbors=min(n_neighbors, rep.shape[0] - 1),
-                        random_state=seed)
-        sc.tl.umap(tmp, random_state=seed)
-    return np.asarray(tmp.obsm["X_umap"])
+        sc.tl.umap(graph, random_state=seed)
+    return np.asarray(graph.obsm["X_umap"])
 
 
 def _scatter_by(ax, xy: np.ndarray, values: pd.Series, title: str, *, size: float) -> None:

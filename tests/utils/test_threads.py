@@ -44,9 +44,10 @@ def test_keep_torch_threads_restores_the_count() -> None:
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two cores to change the count")
 def test_leiden_clustering_keeps_one_torch_thread() -> None:
-    code = _CHILD
+    # numba resets to its own default, every core; an OMP_NUM_THREADS=1 inherited from
+    # the caller would make the reset invisible, so the child gets every core.
     env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count())}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True,
                           env=env, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split()[-1] == "1"
