@@ -15,6 +15,7 @@ from step.models._fused import (
     FUSED_DTYPES,
     FUSED_HEAD_DIMS,
     fused_bias_gelu,
+    fused_count_log_prob,
     fused_dropout,
     fused_kernels_available,
     fused_self_attention,
@@ -183,6 +184,16 @@ class _EncoderLayer(nn.TransformerEncoderLayer):
             return super()._ff_block(x)
         hidden = fused_bias_gelu(torch.matmul(x, self.linear1.weight.t()), self.linear1.bias)
         return self.dropout2(self.linear2(self.dropout(hidden)))
+
+
+def _fused_likelihood_applies(x: Tensor, params: dict[str, Tensor]) -> bool:
+    """Whether the fused CPU likelihood takes these counts and parameters: float32 on the
+    CPU, ``(cells, genes)`` counts that need no gradient, kernels built."""
+    log_mu, log_theta = params["log_mu"], params["log_theta"]
+    return x.device.type == "cpu" and x.dim() == 2 and not x.requires_grad \
+        and log_mu.shape == x.shape and log_mu.dtype == x.dtype == torch.float32 \
+        and log_theta.shape in (x.shape, x.shape[1:]) and log_theta.dtype == x.dtype \
+        and params.get("pi_logits", log_mu).shape == x.shape and fused_kernels_available()
 
 
 def _fused_applies(x: Tensor) -> bool:
@@ -466,10 +477,21 @@ class CountDecoder(nn.Module):
         -------
         Tensor
             ``log p(x)``, shape ``(n, n_genes)``.
+
+        Notes
+        -----
+        On CPUs where the fused kernels are built, the negative binomial likelihoods
+        (plain and zero-inflated) are computed by
+        :func:`step.models._fused.fused_count_log_prob`: the same formula in two passes
+        with its derivatives, instead of the elementwise operations of
+        :mod:`step.models._likelihoods` and their autograd record.
         """
         x = x.float()
         if self.likelihood == "poisson":
             return log_poisson_from_logs(x, params["log_mu"])
+        if _fused_likelihood_applies(x, params):
+            return fused_count_log_prob(x, params["log_mu"], params["log_theta"],
+                                        params.get("pi_logits"))
         if self.likelihood == "nb":
             return log_nb_from_logs(x, params["log_mu"], params["log_theta"])
         return log_zinb_from_logs(x, params["log_mu"], params["log_theta"], params["pi_logits"])
