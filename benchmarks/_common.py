@@ -491,7 +491,8 @@ PROFILE_PARTS = (
     ("feed-forward bias and GELU (fused kernel, or gelu)", ("FusedBiasGelu", "aten::gelu")),
     ("graph message passing (scatter, index, sparse)", ("scatter", "index", "sparse", "gather",
                                                          "segment")),
-    ("likelihood special functions", ("digamma", "lgamma", "polygamma")),
+    ("likelihood (fused kernel, or its special functions)", ("FusedCountLogProb", "digamma",
+                                                             "lgamma", "polygamma")),
     ("copies and casts", ("aten::copy_", "aten::to", "aten::clone", "contiguous", "aten::cat")),
     ("optimizer", ("adam", "Optimizer")),
 )
@@ -555,6 +556,25 @@ class pytorch_attention:  # noqa: N801 - used as a context manager
         from step.models._blocks import _EncoderLayer
 
         _EncoderLayer._sa_block = self._shipped
+
+
+class elementwise_likelihood:  # noqa: N801 - used as a context manager
+    """Make the decoder compute its likelihood with the elementwise formulas of
+    ``step.models._likelihoods`` (and autograd) instead of the fused CPU kernel while the
+    context is active (in this process only), so the benchmarks can show the difference
+    in the same run."""
+
+    def __enter__(self) -> elementwise_likelihood:
+        from step.models import _blocks
+
+        self._shipped = _blocks._fused_likelihood_applies
+        _blocks._fused_likelihood_applies = lambda x, params: False
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        from step.models import _blocks
+
+        _blocks._fused_likelihood_applies = self._shipped
 
 
 def with_seed(args: Any, seed: int) -> Any:

@@ -19,9 +19,11 @@ For each configuration the script
 Rows cover both transformer sizes (3 layers / 8 heads as in step-kit, and 2 layers /
 4 heads, our default), fp32 and bf16 autocast, with the library as shipped (on CPUs a
 fused kernel for attention with heads of 4 or 8 dimensions, in fp32 and under bf16
-autocast, and one for the feed-forward bias and GELU in fp32; otherwise self-attention
-as two batched matmuls and a softmax) and, for comparison, with PyTorch's own attention
-kernel put back in this process (``_common.pytorch_attention``).
+autocast, one for the feed-forward bias and GELU in fp32 and one for the negative
+binomial likelihoods; otherwise self-attention as two batched matmuls and a softmax)
+and, for comparison, with PyTorch's own attention kernel put back in this process
+(``_common.pytorch_attention``) and with the likelihood computed by its elementwise
+formula (``_common.elementwise_likelihood``), in fp32.
 ``torch.profiler`` tables of the shipped step (same architecture) show where the time
 goes.
 
@@ -52,6 +54,8 @@ from throughput import KL_WEIGHT, LR, epoch_rates
 
 BATCH_SIZE = 128
 PROFILE_ROWS = 20
+VARIANT_LABELS = {None: "as shipped", "pytorch_attention": "PyTorch attention kernel (comparison)",
+                  "elementwise_likelihood": "elementwise likelihood (comparison)"}
 
 
 def step_flops(model: TranscriptFormer, batch: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -75,23 +79,31 @@ def gemm_shapes(n_genes: int, arch: dict[str, Any]) -> list[tuple[int, int, int]
             (BATCH_SIZE, hidden, n_genes)]
 
 
+def comparison_context(comparison: str | None) -> Any:
+    """The context that puts an unfused part back for a comparison row (or none)."""
+    if comparison == "pytorch_attention":
+        return C.pytorch_attention()
+    if comparison == "elementwise_likelihood":
+        return C.elementwise_likelihood()
+    return contextlib.nullcontext()
+
+
 def train_rate(dataset: ScDataset, arch: dict[str, Any], *, amp: str | None, epochs: int,
-               device: str, seed: int, pytorch_kernel: bool) -> float:
+               device: str, seed: int, comparison: str | None) -> float:
     model = TranscriptFormer(dataset.n_genes, kl_weight=KL_WEIGHT, **arch)
     clock = C.StepClock(device)
     trainer = Trainer(model, device=device, seed=seed, amp=amp, verbose=False,
                       callbacks=[clock], distributed=False)
     trainer.init_optimizer(lr=LR)
     loader = index_loader(dataset, BATCH_SIZE, shuffle=True, seed=seed)
-    ctx = C.pytorch_attention() if pytorch_kernel else contextlib.nullcontext()
-    with ctx:
+    with comparison_context(comparison):
         start = time.perf_counter()
         trainer.train_batch(epochs, (loader, None))
     return epoch_rates(clock.times, start, len(dataset), len(loader), epochs)["cells_per_s"]
 
 
 def profile_step(dataset: ScDataset, arch: dict[str, Any], *, amp: str | None, device: str,
-                 seed: int, steps: int, pytorch_kernel: bool = False
+                 seed: int, steps: int, comparison: str | None = None
                  ) -> tuple[list[dict], float]:
     """Top operators (self time) over ``steps`` training steps after a warm-up."""
     from torch.profiler import ProfilerActivity, profile
@@ -107,8 +119,7 @@ def profile_step(dataset: ScDataset, arch: dict[str, Any], *, amp: str | None, d
         trainer.update_model_params(trainer.handle_input_tuple(trainer.to_device(batch)))
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    ctx = C.pytorch_attention() if pytorch_kernel else contextlib.nullcontext()
-    with ctx:
+    with comparison_context(comparison):
         for batch in batches[:3]:
             step(batch)
         with profile(activities=activities) as prof:
@@ -134,15 +145,15 @@ def main(argv: list[str] | None = None) -> None:
         datasets.append(("synthetic-5k", synthetic_counts(5_000, 2000, density=0.05,
                                                           seed=args.seed), args.epochs or 3))
     archs = [("same", C.SAME_ARCH), ("defaults", C.OUR_DEFAULTS)]
-    variants = [(None, False), (None, True)] + (
-        [] if args.no_bf16 else [("bf16", False), ("bf16", True)])
+    variants = [(None, None), (None, "pytorch_attention"), (None, "elementwise_likelihood")] + (
+        [] if args.no_bf16 else [("bf16", None), ("bf16", "pytorch_attention")])
 
     table = C.Table("efficiency", "Training FLOP rate versus the machine's GEMM rate", [
         C.Column("dataset", "data"),
         C.Column("n_genes", "genes", C.fmt_int),
         C.Column("architecture", "architecture"),
         C.Column("precision", "precision"),
-        C.Column("attention", "attention"),
+        C.Column("variant", "variant"),
         C.Column("mflop_per_cell", "MFLOP/cell", C.fmt_float(1)),
         C.Column("cells_per_s", "cells/s", C.fmt_float(0)),
         C.Column("achieved_gflops", "achieved GFLOP/s", C.fmt_float(1)),
@@ -205,21 +216,19 @@ def main(argv: list[str] | None = None) -> None:
             flops_table.add(dataset=name, architecture=label, op="total",
                             gflop_per_step=flops["total"] / 1e9)
             per_cell = flops["total"] / BATCH_SIZE
-            for amp, pytorch_kernel in variants:
+            for amp, comparison in variants:
                 dtype = torch.bfloat16 if amp == "bf16" else torch.float32
                 shapes = gemm_shapes(dataset.n_genes, arch)
-                print(f"[{name}] {label}, {amp or 'fp32'}, "
-                      f"{'PyTorch attention kernel' if pytorch_kernel else 'as shipped'}",
+                print(f"[{name}] {label}, {amp or 'fp32'}, {VARIANT_LABELS[comparison]}",
                       flush=True)
                 before = gemm_peak(shapes, dtype)
                 rate = train_rate(dataset, arch, amp=amp, epochs=epochs, device=args.device,
-                                  seed=args.seed, pytorch_kernel=pytorch_kernel)
+                                  seed=args.seed, comparison=comparison)
                 peak = 0.5 * (before + gemm_peak(shapes, dtype))
                 achieved = per_cell * rate / 1e9
                 table.add(dataset=name, n_genes=dataset.n_genes, architecture=label,
                           precision=amp or "fp32",
-                          attention="PyTorch kernel (comparison)" if pytorch_kernel else
-                          "shipped",
+                          variant=VARIANT_LABELS[comparison],
                           mflop_per_cell=per_cell / 1e6, cells_per_s=rate,
                           achieved_gflops=achieved, peak_gflops=peak,
                           pct_of_peak=100 * achieved / peak)
@@ -229,17 +238,18 @@ def main(argv: list[str] | None = None) -> None:
                  dtype=str(dtype).replace("torch.", ""), gflops=float(np.median(rates)),
                  gflops_max=max(rates), n=len(rates))
 
-    profiles = [("fp32, 3 layers / 8 heads, as shipped", None, False)]
+    profiles = [("fp32, 3 layers / 8 heads, as shipped", None, None)]
     if not args.no_bf16:
-        profiles += [("bf16, 3 layers / 8 heads, as shipped", "bf16", False),
-                     ("bf16, 3 layers / 8 heads, PyTorch attention kernel", "bf16", True)]
+        profiles += [("bf16, 3 layers / 8 heads, as shipped", "bf16", None),
+                     ("bf16, 3 layers / 8 heads, PyTorch attention kernel", "bf16",
+                      "pytorch_attention")]
     step_ms = {}
     dataset = ScDataset(datasets[0][1])
-    for config, amp, pytorch_kernel in profiles:
+    for config, amp, comparison in profiles:
         print(f"profiling {config}", flush=True)
         rows, ms = profile_step(dataset, C.SAME_ARCH, amp=amp, device=args.device,
                                 seed=args.seed, steps=args.profile_steps,
-                                pytorch_kernel=pytorch_kernel)
+                                comparison=comparison)
         step_ms[config] = ms
         for row in rows[:PROFILE_ROWS]:
             profile_table.add(config=config, **row)
@@ -255,9 +265,12 @@ def main(argv: list[str] | None = None) -> None:
         "shipped: on CPUs the library runs attention with heads of 4 or 8 dimensions "
         "through its fused kernel, in fp32 and under bf16 autocast (otherwise as "
         "matmul-softmax-matmul), and in fp32 the feed-forward bias and GELU through "
-        "another; PyTorch kernel: the encoder layers use "
+        "another, and the negative binomial likelihoods with their gradients through a "
+        "third; PyTorch attention kernel: the encoder layers use "
         "PyTorch's scaled_dot_product_attention (its CPU flash-attention kernel) for "
-        "attention instead, in this process only, to show what the shipped path gains.",
+        "attention instead, in this process only, to show what the shipped path gains; "
+        "elementwise likelihood: the likelihood as the elementwise formula of "
+        "step.models._likelihoods with its autograd record, in this process only.",
     ]
     profile_table.notes = [f"{config}: {ms:.1f} ms of operator self time per step "
                            "(profiler overhead included)" for config, ms in step_ms.items()]
