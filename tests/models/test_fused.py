@@ -44,13 +44,15 @@ def test_gradients_are_exact_in_float64(heads: int) -> None:
 
 
 @needs_kernel
-@pytest.mark.parametrize(("heads", "tokens"), [(8, 33), (16, 9), (8, 1)])
-def test_float32_matches_the_unfused_computation(heads: int, tokens: int) -> None:
+@pytest.mark.parametrize(("heads", "width", "tokens"),
+                         [(8, 64, 33), (16, 64, 9), (8, 64, 1), (8, 64, 8),
+                          (12, 96, 33)])  # 12 heads of 8: one full group, one of four
+def test_float32_matches_the_unfused_computation(heads: int, width: int, tokens: int) -> None:
     torch.manual_seed(1)
-    qkv = (3 * torch.randn(20, tokens, 3 * 64)).requires_grad_()
-    weights = torch.randn(20, tokens, 64)
-    ours = fused.fused_self_attention(qkv, heads, (64 // heads) ** -0.5)
-    ref = _reference(qkv, heads, (64 // heads) ** -0.5)
+    qkv = (3 * torch.randn(20, tokens, 3 * width)).requires_grad_()
+    weights = torch.randn(20, tokens, width)
+    ours = fused.fused_self_attention(qkv, heads, (width // heads) ** -0.5)
+    ref = _reference(qkv, heads, (width // heads) ** -0.5)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     (grad_ours,) = torch.autograd.grad((ours * weights).sum(), qkv)
     (grad_ref,) = torch.autograd.grad((ref * weights).sum(), qkv)

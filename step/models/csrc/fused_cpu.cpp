@@ -43,9 +43,24 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 namespace {
+
+// The small helpers below are called inside loops that the compiler vectorises, which
+// it does only where they are inlined; GCC's inliner weighs each call against the size
+// of the whole file and may decline as the file grows (it once left the likelihood
+// kernel three times slower after an unrelated addition), so inlining is required.
+#if defined(__GNUC__)
+#define STEP_INLINE inline __attribute__((always_inline))
+#else
+#define STEP_INLINE inline
+#endif
 
 // exp(x) for x <= 0 (softmax arguments after subtracting the row maximum, minus a
 // square), written as plain arithmetic so that the compiler vectorises the loops it is
@@ -54,7 +69,7 @@ namespace {
 // give exactly 0 (exp(-75) is 3e-33): results of that size, multiplied on, would
 // become subnormal numbers, which many CPUs compute in slow microcode, in this kernel
 // and in every product that reads its output.
-inline float exp_nonpositive(float x) {
+STEP_INLINE float exp_nonpositive(float x) {
   const bool negligible = x < -75.0f;
   x = negligible ? -75.0f : x;
   // round to nearest by adding and subtracting 1.5 * 2^23 (vectorises without any
@@ -76,13 +91,13 @@ inline float exp_nonpositive(float x) {
   return negligible ? 0.0f : p * two_n;
 }
 
-inline double exp_nonpositive(double x) { return std::exp(x); }
+STEP_INLINE double exp_nonpositive(double x) { return std::exp(x); }
 
 // The standard normal distribution function Phi(u) and density phi(u), from which
 // GELU(u) = u Phi(u) and GELU'(u) = Phi(u) + u phi(u). erf is evaluated with formula
 // 7.1.26 of Abramowitz and Stegun (absolute error below 1.5e-7, sharing exp(-u^2 / 2)
 // with the density); the GELU then differs from PyTorch's by at most 4e-7 (at |u| = 8).
-inline void normal_cdf_pdf(float u, float& cdf, float& pdf) {
+STEP_INLINE void normal_cdf_pdf(float u, float& cdf, float& pdf) {
   const float x = std::fabs(u) * 0.70710678118654752f;
   const float t = 1.0f / (1.0f + 0.3275911f * x);
   const float e = exp_nonpositive(-x * x);
@@ -96,7 +111,7 @@ inline void normal_cdf_pdf(float u, float& cdf, float& pdf) {
   pdf = e * 0.39894228040143268f;
 }
 
-inline void normal_cdf_pdf(double u, double& cdf, double& pdf) {
+STEP_INLINE void normal_cdf_pdf(double u, double& cdf, double& pdf) {
   cdf = 0.5 * std::erfc(-u * 0.70710678118654752);
   pdf = std::exp(-0.5 * u * u) * 0.39894228040143268;
 }
@@ -187,23 +202,23 @@ constexpr int64_t kHeadGroup = 8;
 // The attention kernel reads bfloat16 as its 16 bits (uint16_t) and converts them with
 // plain integer arithmetic, inlined: widening shifts the bits up, narrowing rounds to
 // the nearest even value and keeps NaN a NaN, as PyTorch does.
-inline float widen(uint16_t bits) {
+STEP_INLINE float widen(uint16_t bits) {
   const uint32_t wide = static_cast<uint32_t>(bits) << 16;
   float value;
   std::memcpy(&value, &wide, sizeof(value));
   return value;
 }
-inline float widen(float value) { return value; }
-inline double widen(double value) { return value; }
+STEP_INLINE float widen(float value) { return value; }
+STEP_INLINE double widen(double value) { return value; }
 
-inline void narrow(float value, uint16_t& out) {
+STEP_INLINE void narrow(float value, uint16_t& out) {
   uint32_t bits;
   std::memcpy(&bits, &value, sizeof(bits));
   const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
   out = value != value ? static_cast<uint16_t>(0x7fc0) : static_cast<uint16_t>(rounded);
 }
-inline void narrow(float value, float& out) { out = value; }
-inline void narrow(double value, double& out) { out = value; }
+STEP_INLINE void narrow(float value, float& out) { out = value; }
+STEP_INLINE void narrow(double value, double& out) { out = value; }
 
 // The element type a kernel sees for a tensor of scalar_t.
 template <typename scalar_t>
@@ -219,13 +234,54 @@ storage_t<scalar_t>* elements(const torch::Tensor& t) {
   return reinterpret_cast<storage_t<scalar_t>*>(t.data_ptr<scalar_t>());
 }
 
+// out[c * 8 + r] = in[r * 8 + c] for an 8 x 8 block of floats (rows of 8 contiguous
+// values), in registers where the CPU has AVX: a whole group of eight heads of eight
+// dimensions in one token, which the loops below would move one value at a time.
+STEP_INLINE void transpose_8x8(const float* __restrict__ in, float* __restrict__ out) {
+#if defined(__AVX__)
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(in + 8 * i);
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int h = 0; h < 2; ++h) {  // rows 0-3, then rows 4-7
+    const __m256 a = t[4 * h], b = t[4 * h + 1], c = t[4 * h + 2], d = t[4 * h + 3];
+    r[4 * h] = _mm256_shuffle_ps(a, c, _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * h + 1] = _mm256_shuffle_ps(a, c, _MM_SHUFFLE(3, 2, 3, 2));
+    r[4 * h + 2] = _mm256_shuffle_ps(b, d, _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * h + 3] = _mm256_shuffle_ps(b, d, _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(out + 8 * i, _mm256_permute2f128_ps(r[i], r[4 + i], 0x20));
+    _mm256_storeu_ps(out + 8 * (i + 4), _mm256_permute2f128_ps(r[i], r[4 + i], 0x31));
+  }
+#else
+  for (int c = 0; c < 8; ++c) {
+    for (int r = 0; r < 8; ++r) out[c * 8 + r] = in[r * 8 + c];
+  }
+#endif
+}
+
+// Whether a group moves as whole 8 x 8 blocks: float32 storage and compute, eight
+// dimensions per head, all eight heads present.
+template <typename S, typename T, int64_t D>
+constexpr bool kBlockMoves =
+    std::is_same<S, float>::value && std::is_same<T, float>::value && D == 8 && kHeadGroup == 8;
+
 // One group of heads of one cell, transposed from (token, head, dim) to
 // (token, dim, head) and converted from the storage type S to the compute type T: src
 // points at the first head of the group in token 0.
 template <typename S, typename T, int64_t D>
-inline void gather_group(const S* src, int64_t token_stride, int64_t tokens, int64_t in_group,
+STEP_INLINE void gather_group(const S* src, int64_t token_stride, int64_t tokens, int64_t in_group,
                          T* __restrict__ dst) {
   constexpr int64_t G = kHeadGroup;
+  if constexpr (kBlockMoves<S, T, D>) {
+    if (in_group == G) {
+      for (int64_t j = 0; j < tokens; ++j) transpose_8x8(src + j * token_stride, dst + j * D * G);
+      return;
+    }
+  }
   for (int64_t j = 0; j < tokens; ++j) {
     const S* row = src + j * token_stride;
     T* out = dst + j * D * G;
@@ -239,9 +295,15 @@ inline void gather_group(const S* src, int64_t token_stride, int64_t tokens, int
 
 // The inverse of gather_group for the heads that exist.
 template <typename S, typename T, int64_t D>
-inline void scatter_group(const T* __restrict__ src, int64_t tokens, int64_t in_group,
+STEP_INLINE void scatter_group(const T* __restrict__ src, int64_t tokens, int64_t in_group,
                           S* dst, int64_t token_stride) {
   constexpr int64_t G = kHeadGroup;
+  if constexpr (kBlockMoves<S, T, D>) {
+    if (in_group == G) {
+      for (int64_t j = 0; j < tokens; ++j) transpose_8x8(src + j * D * G, dst + j * token_stride);
+      return;
+    }
+  }
   for (int64_t j = 0; j < tokens; ++j) {
     const T* in = src + j * D * G;
     S* row = dst + j * token_stride;
@@ -253,7 +315,7 @@ inline void scatter_group(const T* __restrict__ src, int64_t tokens, int64_t in_
 
 // out[g] = factor * sum_d a[d * G + g] * b[d * G + g]: one score per head of the group.
 template <typename T, int64_t D>
-inline void head_dots(const T* __restrict__ a, const T* __restrict__ b, T factor,
+STEP_INLINE void head_dots(const T* __restrict__ a, const T* __restrict__ b, T factor,
                       T* __restrict__ out) {
   constexpr int64_t G = kHeadGroup;
   T acc[G] = {};
@@ -263,6 +325,39 @@ inline void head_dots(const T* __restrict__ a, const T* __restrict__ b, T factor
   }
 #pragma omp simd
   for (int64_t g = 0; g < G; ++g) out[g] = acc[g] * factor;
+}
+
+// Keys whose scores are computed together. One score is a chain of D dependent
+// multiply-adds on one accumulator; computing several keys at once gives the core
+// independent chains to overlap, where one chain at a time waits on each addition.
+// Every score is summed over the dimensions in the same order as by head_dots.
+constexpr int64_t kKeyBlock = 4;
+
+// out[jj * G + g] = factor * sum_d a[d * G + g] * b[(jj * D + d) * G + g] for the
+// kKeyBlock keys stored one after another at b.
+template <typename T, int64_t D>
+STEP_INLINE void head_dots_block(const T* __restrict__ a, const T* __restrict__ b, T factor,
+                            T* __restrict__ out) {
+  constexpr int64_t G = kHeadGroup, J = kKeyBlock;
+  T acc[J * G] = {};
+  for (int64_t d = 0; d < D; ++d) {
+    for (int64_t jj = 0; jj < J; ++jj) {
+#pragma omp simd
+      for (int64_t g = 0; g < G; ++g) acc[jj * G + g] += a[d * G + g] * b[(jj * D + d) * G + g];
+    }
+  }
+#pragma omp simd
+  for (int64_t e = 0; e < J * G; ++e) out[e] = acc[e] * factor;
+}
+
+// The scores of query a against all `tokens` keys at b, one row of G per key.
+template <typename T, int64_t D>
+STEP_INLINE void head_scores(const T* __restrict__ a, const T* __restrict__ b, int64_t tokens,
+                        T factor, T* __restrict__ out) {
+  constexpr int64_t G = kHeadGroup, J = kKeyBlock;
+  int64_t j = 0;
+  for (; j + J <= tokens; j += J) head_dots_block<T, D>(a, b + j * D * G, factor, out + j * G);
+  for (; j < tokens; ++j) head_dots<T, D>(a, b + j * D * G, factor, out + j * G);
 }
 
 template <typename S, typename T, int64_t D>
@@ -287,25 +382,28 @@ void forward_kernel(const S* qkv, S* out, T* lse, const Layout& s, T scale) {
       for (int64_t i = 0; i < t_n; ++i) {
         const T* qi = q + i * D * G;
         T top[G];
-        head_dots<T, D>(qi, k, scale, weights);
+        head_scores<T, D>(qi, k, t_n, scale, weights);
 #pragma omp simd
         for (int64_t g = 0; g < G; ++g) top[g] = weights[g];
         for (int64_t j = 1; j < t_n; ++j) {
-          T* wj = weights + j * G;
-          head_dots<T, D>(qi, k + j * D * G, scale, wj);
+          const T* wj = weights + j * G;
 #pragma omp simd
           for (int64_t g = 0; g < G; ++g) top[g] = std::max(top[g], wj[g]);
+        }
+        // the exponentials of the whole row first: independent of one another, so they
+        // overlap, where inside the weighted sum each waited for its own polynomial
+        for (int64_t j = 0; j < t_n; ++j) {
+          T* wj = weights + j * G;
+#pragma omp simd
+          for (int64_t g = 0; g < G; ++g) wj[g] = exp_nonpositive(wj[g] - top[g]);
         }
         T total[G] = {};
         T acc[D * G] = {};
         for (int64_t j = 0; j < t_n; ++j) {
-          T* wj = weights + j * G;
+          const T* wj = weights + j * G;
           const T* vj = v + j * D * G;
 #pragma omp simd
-          for (int64_t g = 0; g < G; ++g) {
-            wj[g] = exp_nonpositive(wj[g] - top[g]);
-            total[g] += wj[g];
-          }
+          for (int64_t g = 0; g < G; ++g) total[g] += wj[g];
           for (int64_t d = 0; d < D; ++d) {
 #pragma omp simd
             for (int64_t g = 0; g < G; ++g) acc[d * G + g] += wj[g] * vj[d * G + g];
@@ -368,11 +466,11 @@ void backward_kernel(const S* grad_out, const S* qkv, const T* lse, S* grad_qkv,
         T* wi = weights + i * t_n * G;
         T* si = grad_s + i * t_n * G;
         T dot[G] = {};
+        head_scores<T, D>(qi, k, t_n, scale, wi);
+        head_scores<T, D>(goi, v, t_n, T(1), si);
         for (int64_t j = 0; j < t_n; ++j) {
           T* wij = wi + j * G;
           T* sij = si + j * G;
-          head_dots<T, D>(qi, k + j * D * G, scale, wij);
-          head_dots<T, D>(goi, v + j * D * G, T(1), sij);
 #pragma omp simd
           for (int64_t g = 0; g < G; ++g) {
             wij[g] = exp_nonpositive(std::min(wij[g] - li[g], T(0)));
@@ -529,7 +627,7 @@ torch::Tensor dropout_apply(const torch::Tensor& x, const torch::Tensor& bits, i
 // log(1 + u) for 0 <= u <= 1 as 2 atanh(s), s = u / (2 + u) <= 1/3, from its series to
 // s^15 (relative error below 2e-9): no cancellation for small u, and plain arithmetic
 // that the compiler vectorises.
-inline float log1p_unit(float u) {
+STEP_INLINE float log1p_unit(float u) {
   const float s = u / (2.0f + u);
   const float s2 = s * s;
   float p = 1.0f / 15.0f;
@@ -542,11 +640,11 @@ inline float log1p_unit(float u) {
   p = p * s2 + 1.0f;
   return 2.0f * s * p;
 }
-inline double log1p_unit(double u) { return std::log1p(u); }
+STEP_INLINE double log1p_unit(double u) { return std::log1p(u); }
 
 // digamma(z) for z > 0: the recurrence up to z >= 10, then the asymptotic series to
 // z^-10 (truncation error below 3e-14).
-inline double digamma_positive(double z) {
+STEP_INLINE double digamma_positive(double z) {
   double shift = 0.0;
   while (z < 10.0) {
     shift -= 1.0 / z;
@@ -582,7 +680,7 @@ constexpr int64_t kLikelihoodRows = 16;
 // e = exp(delta) keeps its relative precision (to below 4e-9 for e < 1/16, that is for
 // delta < -log 16). (Conditions are single comparisons, which the compiler vectorises.)
 template <typename T>
-inline T sigmoid_minus_softplus(T delta, T e, T sig, T sp) {
+STEP_INLINE T sigmoid_minus_softplus(T delta, T e, T sig, T sp) {
   const T series = -e * e *
       (T(0.5) - e * (T(2.0 / 3) - e * (T(0.75) - e * (T(0.8) - e * (T(5.0 / 6) -
                                                                    e * (T(6.0 / 7) - e * T(0.875)))))));
@@ -596,7 +694,7 @@ inline T sigmoid_minus_softplus(T delta, T e, T sig, T sp) {
 // theta d/dtheta [lgamma(x + theta) - lgamma(theta)] - x to the log-theta derivative:
 // split so, the large terms that cancel for large theta (x log theta, x) cancel exactly.
 template <typename T, bool ZeroInflated, bool Grads>
-inline void likelihood_row_pass(const T* __restrict__ xr, const T* __restrict__ mr,
+STEP_INLINE void likelihood_row_pass(const T* __restrict__ xr, const T* __restrict__ mr,
                                 const T* __restrict__ ltr, const T* __restrict__ tr,
                                 const T* __restrict__ pr, T* __restrict__ vr, T* __restrict__ dmr,
                                 T* __restrict__ dtr, T* __restrict__ dpr, int64_t genes) {
@@ -648,7 +746,7 @@ inline void likelihood_row_pass(const T* __restrict__ xr, const T* __restrict__ 
 // 10 uses Stirling's series of the difference (truncation below 1e-10), where the direct
 // difference of two large lgamma values would lose digits; other values use lgamma and
 // digamma directly.
-inline void gamma_terms(double x, double theta, double log_theta, double& excess,
+STEP_INLINE void gamma_terms(double x, double theta, double log_theta, double& excess,
                         double& d_excess) {
   (void)log_theta;  // used by the direct branch only
   if (x >= 1.0 && x <= static_cast<double>(kSmallCount) && x == std::floor(x)) {
