@@ -234,13 +234,10 @@ storage_t<scalar_t>* elements(const torch::Tensor& t) {
   return reinterpret_cast<storage_t<scalar_t>*>(t.data_ptr<scalar_t>());
 }
 
-// out[c * 8 + r] = in[r * 8 + c] for an 8 x 8 block of floats (rows of 8 contiguous
-// values), in registers where the CPU has AVX: a whole group of eight heads of eight
-// dimensions in one token, which the loops below would move one value at a time.
-STEP_INLINE void transpose_8x8(const float* __restrict__ in, float* __restrict__ out) {
 #if defined(__AVX__)
-  __m256 r[8], t[8];
-  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(in + 8 * i);
+// Stores the transpose of the 8 x 8 block whose rows are r: out[c * 8 + i] = r[i][c].
+STEP_INLINE void store_transposed(__m256 (&r)[8], float* __restrict__ out) {
+  __m256 t[8];
   for (int i = 0; i < 4; ++i) {
     t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
     t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
@@ -256,6 +253,17 @@ STEP_INLINE void transpose_8x8(const float* __restrict__ in, float* __restrict__
     _mm256_storeu_ps(out + 8 * i, _mm256_permute2f128_ps(r[i], r[4 + i], 0x20));
     _mm256_storeu_ps(out + 8 * (i + 4), _mm256_permute2f128_ps(r[i], r[4 + i], 0x31));
   }
+}
+#endif
+
+// out[c * 8 + r] = in[r * 8 + c] for an 8 x 8 block (rows of 8 contiguous values), in
+// registers where the CPU has AVX: a whole group of eight heads of eight dimensions in
+// one token, which the loops below would move one value at a time.
+STEP_INLINE void transpose_8x8(const float* __restrict__ in, float* __restrict__ out) {
+#if defined(__AVX__)
+  __m256 r[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(in + 8 * i);
+  store_transposed(r, out);
 #else
   for (int c = 0; c < 8; ++c) {
     for (int r = 0; r < 8; ++r) out[c * 8 + r] = in[r * 8 + c];
@@ -263,11 +271,32 @@ STEP_INLINE void transpose_8x8(const float* __restrict__ in, float* __restrict__
 #endif
 }
 
-// Whether a group moves as whole 8 x 8 blocks: float32 storage and compute, eight
-// dimensions per head, all eight heads present.
+// The same from bfloat16 bits, widened to float32 on the way (exactly, as widen does).
+STEP_INLINE void transpose_8x8(const uint16_t* __restrict__ in, float* __restrict__ out) {
+#if defined(__AVX2__)
+  __m256 r[8];
+  for (int i = 0; i < 8; ++i) {
+    const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + 8 * i));
+    r[i] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+  }
+  store_transposed(r, out);
+#else
+  for (int c = 0; c < 8; ++c) {
+    for (int r = 0; r < 8; ++r) out[c * 8 + r] = widen(in[r * 8 + c]);
+  }
+#endif
+}
+
+// Whether a group moves as whole 8 x 8 blocks: float32 compute, eight dimensions per
+// head, all eight heads present; float32 storage (kBlockMoves) or float32 or bfloat16
+// storage (kBlockGathers, bfloat16 narrowed after the transpose).
 template <typename S, typename T, int64_t D>
 constexpr bool kBlockMoves =
     std::is_same<S, float>::value && std::is_same<T, float>::value && D == 8 && kHeadGroup == 8;
+template <typename S, typename T, int64_t D>
+constexpr bool kBlockGathers =
+    kBlockMoves<S, T, D> ||
+    (std::is_same<S, uint16_t>::value && std::is_same<T, float>::value && D == 8 && kHeadGroup == 8);
 
 // One group of heads of one cell, transposed from (token, head, dim) to
 // (token, dim, head) and converted from the storage type S to the compute type T: src
@@ -276,7 +305,7 @@ template <typename S, typename T, int64_t D>
 STEP_INLINE void gather_group(const S* src, int64_t token_stride, int64_t tokens, int64_t in_group,
                          T* __restrict__ dst) {
   constexpr int64_t G = kHeadGroup;
-  if constexpr (kBlockMoves<S, T, D>) {
+  if constexpr (kBlockGathers<S, T, D>) {
     if (in_group == G) {
       for (int64_t j = 0; j < tokens; ++j) transpose_8x8(src + j * token_stride, dst + j * D * G);
       return;
@@ -301,6 +330,17 @@ STEP_INLINE void scatter_group(const T* __restrict__ src, int64_t tokens, int64_
   if constexpr (kBlockMoves<S, T, D>) {
     if (in_group == G) {
       for (int64_t j = 0; j < tokens; ++j) transpose_8x8(src + j * D * G, dst + j * token_stride);
+      return;
+    }
+  } else if constexpr (kBlockGathers<S, T, D>) {  // bfloat16: transpose, then narrow in a row
+    if (in_group == G) {
+      T block[D * G];
+      for (int64_t j = 0; j < tokens; ++j) {
+        transpose_8x8(src + j * D * G, block);
+        S* row = dst + j * token_stride;
+#pragma omp simd
+        for (int64_t e = 0; e < D * G; ++e) narrow(block[e], row[e]);
+      }
       return;
     }
   }
