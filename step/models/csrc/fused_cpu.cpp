@@ -53,9 +53,9 @@
 namespace {
 
 // The small helpers below are called inside loops that the compiler vectorises, which
-// it does only where they are inlined; GCC's inliner weighs each call against the size
-// of the whole file and may decline as the file grows (it once left the likelihood
-// kernel three times slower after an unrelated addition), so inlining is required.
+// it does only where they are inlined. GCC's inliner weighs each call against the size
+// of the whole file and may decline as the file grows (the likelihood kernel then runs
+// about three times slower), so inlining is required.
 #if defined(__GNUC__)
 #define STEP_INLINE inline __attribute__((always_inline))
 #else
@@ -234,7 +234,12 @@ storage_t<scalar_t>* elements(const torch::Tensor& t) {
   return reinterpret_cast<storage_t<scalar_t>*>(t.data_ptr<scalar_t>());
 }
 
+// Whole groups of eight heads of eight dimensions move between the projection's layout
+// and the kernel's as 8 x 8 transposes in registers (AVX; bfloat16 also needs AVX2 to
+// widen), instead of one value at a time; elsewhere the loops below do it.
 #if defined(__AVX__)
+static_assert(kHeadGroup == 8, "the block moves transpose 8 x 8 blocks");
+
 // Stores the transpose of the 8 x 8 block whose rows are r: out[c * 8 + i] = r[i][c].
 STEP_INLINE void store_transposed(__m256 (&r)[8], float* __restrict__ out) {
   __m256 t[8];
@@ -254,58 +259,47 @@ STEP_INLINE void store_transposed(__m256 (&r)[8], float* __restrict__ out) {
     _mm256_storeu_ps(out + 8 * (i + 4), _mm256_permute2f128_ps(r[i], r[4 + i], 0x31));
   }
 }
-#endif
 
-// out[c * 8 + r] = in[r * 8 + c] for an 8 x 8 block (rows of 8 contiguous values), in
-// registers where the CPU has AVX: a whole group of eight heads of eight dimensions in
-// one token, which the loops below would move one value at a time.
+// out[c * 8 + r] = in[r * 8 + c] for an 8 x 8 block of rows of 8 contiguous values.
 STEP_INLINE void transpose_8x8(const float* __restrict__ in, float* __restrict__ out) {
-#if defined(__AVX__)
   __m256 r[8];
   for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(in + 8 * i);
   store_transposed(r, out);
-#else
-  for (int c = 0; c < 8; ++c) {
-    for (int r = 0; r < 8; ++r) out[c * 8 + r] = in[r * 8 + c];
-  }
-#endif
 }
 
+#if defined(__AVX2__)
 // The same from bfloat16 bits, widened to float32 on the way (exactly, as widen does).
 STEP_INLINE void transpose_8x8(const uint16_t* __restrict__ in, float* __restrict__ out) {
-#if defined(__AVX2__)
   __m256 r[8];
   for (int i = 0; i < 8; ++i) {
     const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + 8 * i));
     r[i] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
   }
   store_transposed(r, out);
-#else
-  for (int c = 0; c < 8; ++c) {
-    for (int r = 0; r < 8; ++r) out[c * 8 + r] = widen(in[r * 8 + c]);
-  }
-#endif
 }
+#endif
+#endif
 
-// Whether a group moves as whole 8 x 8 blocks: float32 compute, eight dimensions per
-// head, all eight heads present; float32 storage (kBlockMoves) or float32 or bfloat16
-// storage (kBlockGathers, bfloat16 narrowed after the transpose).
+// Whether groups of storage type S move as 8 x 8 blocks (float32 compute, 8 dimensions).
 template <typename S, typename T, int64_t D>
 constexpr bool kBlockMoves =
-    std::is_same<S, float>::value && std::is_same<T, float>::value && D == 8 && kHeadGroup == 8;
-template <typename S, typename T, int64_t D>
-constexpr bool kBlockGathers =
-    kBlockMoves<S, T, D> ||
-    (std::is_same<S, uint16_t>::value && std::is_same<T, float>::value && D == 8 && kHeadGroup == 8);
+    std::is_same<T, float>::value && D == 8 &&
+#if defined(__AVX2__)
+    (std::is_same<S, float>::value || std::is_same<S, uint16_t>::value);
+#elif defined(__AVX__)
+    std::is_same<S, float>::value;
+#else
+    false;
+#endif
 
 // One group of heads of one cell, transposed from (token, head, dim) to
 // (token, dim, head) and converted from the storage type S to the compute type T: src
 // points at the first head of the group in token 0.
 template <typename S, typename T, int64_t D>
 STEP_INLINE void gather_group(const S* src, int64_t token_stride, int64_t tokens, int64_t in_group,
-                         T* __restrict__ dst) {
+                              T* __restrict__ dst) {
   constexpr int64_t G = kHeadGroup;
-  if constexpr (kBlockGathers<S, T, D>) {
+  if constexpr (kBlockMoves<S, T, D>) {
     if (in_group == G) {
       for (int64_t j = 0; j < tokens; ++j) transpose_8x8(src + j * token_stride, dst + j * D * G);
       return;
@@ -325,21 +319,20 @@ STEP_INLINE void gather_group(const S* src, int64_t token_stride, int64_t tokens
 // The inverse of gather_group for the heads that exist.
 template <typename S, typename T, int64_t D>
 STEP_INLINE void scatter_group(const T* __restrict__ src, int64_t tokens, int64_t in_group,
-                          S* dst, int64_t token_stride) {
+                               S* dst, int64_t token_stride) {
   constexpr int64_t G = kHeadGroup;
   if constexpr (kBlockMoves<S, T, D>) {
     if (in_group == G) {
-      for (int64_t j = 0; j < tokens; ++j) transpose_8x8(src + j * D * G, dst + j * token_stride);
-      return;
-    }
-  } else if constexpr (kBlockGathers<S, T, D>) {  // bfloat16: transpose, then narrow in a row
-    if (in_group == G) {
-      T block[D * G];
       for (int64_t j = 0; j < tokens; ++j) {
-        transpose_8x8(src + j * D * G, block);
         S* row = dst + j * token_stride;
+        if constexpr (std::is_same<S, T>::value) {
+          transpose_8x8(src + j * D * G, row);
+        } else {  // bfloat16: transpose in float32, then narrow the row
+          T block[D * G];
+          transpose_8x8(src + j * D * G, block);
 #pragma omp simd
-        for (int64_t e = 0; e < D * G; ++e) narrow(block[e], row[e]);
+          for (int64_t e = 0; e < D * G; ++e) narrow(block[e], row[e]);
+        }
       }
       return;
     }
@@ -356,7 +349,7 @@ STEP_INLINE void scatter_group(const T* __restrict__ src, int64_t tokens, int64_
 // out[g] = factor * sum_d a[d * G + g] * b[d * G + g]: one score per head of the group.
 template <typename T, int64_t D>
 STEP_INLINE void head_dots(const T* __restrict__ a, const T* __restrict__ b, T factor,
-                      T* __restrict__ out) {
+                           T* __restrict__ out) {
   constexpr int64_t G = kHeadGroup;
   T acc[G] = {};
   for (int64_t d = 0; d < D; ++d) {
@@ -377,7 +370,7 @@ constexpr int64_t kKeyBlock = 4;
 // kKeyBlock keys stored one after another at b.
 template <typename T, int64_t D>
 STEP_INLINE void head_dots_block(const T* __restrict__ a, const T* __restrict__ b, T factor,
-                            T* __restrict__ out) {
+                                 T* __restrict__ out) {
   constexpr int64_t G = kHeadGroup, J = kKeyBlock;
   T acc[J * G] = {};
   for (int64_t d = 0; d < D; ++d) {
@@ -393,7 +386,7 @@ STEP_INLINE void head_dots_block(const T* __restrict__ a, const T* __restrict__ 
 // The scores of query a against all `tokens` keys at b, one row of G per key.
 template <typename T, int64_t D>
 STEP_INLINE void head_scores(const T* __restrict__ a, const T* __restrict__ b, int64_t tokens,
-                        T factor, T* __restrict__ out) {
+                             T factor, T* __restrict__ out) {
   constexpr int64_t G = kHeadGroup, J = kKeyBlock;
   int64_t j = 0;
   for (; j + J <= tokens; j += J) head_dots_block<T, D>(a, b + j * D * G, factor, out + j * G);
@@ -735,9 +728,10 @@ STEP_INLINE T sigmoid_minus_softplus(T delta, T e, T sig, T sp) {
 // split so, the large terms that cancel for large theta (x log theta, x) cancel exactly.
 template <typename T, bool ZeroInflated, bool Grads>
 STEP_INLINE void likelihood_row_pass(const T* __restrict__ xr, const T* __restrict__ mr,
-                                const T* __restrict__ ltr, const T* __restrict__ tr,
-                                const T* __restrict__ pr, T* __restrict__ vr, T* __restrict__ dmr,
-                                T* __restrict__ dtr, T* __restrict__ dpr, int64_t genes) {
+                                     const T* __restrict__ ltr, const T* __restrict__ tr,
+                                     const T* __restrict__ pr, T* __restrict__ vr,
+                                     T* __restrict__ dmr, T* __restrict__ dtr,
+                                     T* __restrict__ dpr, int64_t genes) {
 #pragma omp simd
   for (int64_t j = 0; j < genes; ++j) {
     const T xv = xr[j], th = tr[j], lm = mr[j], lt = ltr[j];
@@ -787,7 +781,7 @@ STEP_INLINE void likelihood_row_pass(const T* __restrict__ xr, const T* __restri
 // difference of two large lgamma values would lose digits; other values use lgamma and
 // digamma directly.
 STEP_INLINE void gamma_terms(double x, double theta, double log_theta, double& excess,
-                        double& d_excess) {
+                             double& d_excess) {
   (void)log_theta;  // used by the direct branch only
   if (x >= 1.0 && x <= static_cast<double>(kSmallCount) && x == std::floor(x)) {
     const int64_t n = static_cast<int64_t>(x);
