@@ -104,6 +104,18 @@ CONFIGS.update({
                            "current defaults, batch 256 (half the steps)"),
     "defaults_no_split": (_DEFAULTS, {"split_rate": 0.0},
                           "current defaults, no validation split (no early stopping)"),
+    "defaults_hidden_128": ({**_DEFAULTS, "hidden_dim": 128}, {},
+                            "current defaults, transformer width 128"),
+    "defaults_hidden_32": ({**_DEFAULTS, "hidden_dim": 32}, {},
+                           "current defaults, transformer width 32"),
+    "defaults_modules_64x16": ({**_DEFAULTS, "n_modules": 64, "module_dim": 16}, {},
+                               "current defaults, 64 gene modules of size 16"),
+    "defaults_modules_16": ({**_DEFAULTS, "n_modules": 16}, {},
+                            "current defaults, 16 gene modules"),
+    "defaults_decoder_128": ({**_DEFAULTS, "decoder_hidden_dim": 128}, {},
+                             "current defaults, decoder width 128"),
+    "defaults_heads_8": ({**_DEFAULTS, "n_heads": 8}, {},
+                         "current defaults, 8 attention heads"),
 })
 
 
