@@ -12,12 +12,15 @@ from torch_geometric.nn import GCNConv
 
 from step.models._fused import (
     FUSED_ATTENTION_DTYPES,
+    FUSED_DROPOUT_DTYPES,
     FUSED_DTYPES,
     FUSED_HEAD_DIMS,
     fused_bias_gelu,
     fused_count_log_prob,
     fused_dropout,
     fused_kernels_available,
+    fused_layer_norm,
+    fused_residual_dropout,
     fused_self_attention,
 )
 from step.models._likelihoods import (
@@ -81,16 +84,47 @@ class FastDropout(nn.Module):
         if not self.training or self.p == 0.0:
             return x
         if x.device.type != "cpu":
-            # Drawn in float32 whatever the activation dtype, so that
-            # low-precision uniforms cannot bias the keep probability.
-            keep = torch.rand(x.shape, device=x.device).ge_(self.p)
-            return x * keep.mul_(1.0 / (1.0 - self.p)).to(x.dtype)
-        n = x.numel()
-        bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None)
-        if x.dtype in FUSED_DTYPES and fused_kernels_available():
+            return x * self._device_mask(x)
+        bits = self._cpu_bits(x)
+        if x.dtype in FUSED_DROPOUT_DTYPES and fused_kernels_available():
             return fused_dropout(x, bits, self._threshold, self._scale)
-        keep = bits.view(torch.int16)[:n].view(x.shape) >= self._threshold
-        return x * torch.where(keep, self._scale, 0.0).to(x.dtype)
+        return self._unfused(x, bits)
+
+    def add_to(self, residual: Tensor, x: Tensor) -> Tensor:
+        """``residual + self(x)``: a residual connection around a dropped-out branch.
+
+        On CPUs with the fused kernels, for a float32 or float64 ``residual`` and ``x`` of
+        its dtype or bfloat16 (a branch under autocast), the dropout and the addition run
+        in one pass (:func:`step.models._fused.fused_residual_dropout`) with the random
+        draws of :meth:`forward`; the dropped-out branch is then not rounded to bfloat16
+        before the addition.
+        """
+        if not self.training or self.p == 0.0 or x.device.type != "cpu" \
+                or residual.shape != x.shape or residual.dtype not in FUSED_DTYPES \
+                or x.dtype not in (residual.dtype, torch.bfloat16):
+            return residual + self(x)
+        bits = self._cpu_bits(x)
+        if not fused_kernels_available() \
+                or (x.dtype == torch.bfloat16 and residual.dtype != torch.float32):
+            return residual + self._unfused(x, bits)
+        return fused_residual_dropout(residual, x, bits, self._threshold, self._scale)
+
+    def _device_mask(self, x: Tensor) -> Tensor:
+        # Drawn in float32 whatever the activation dtype, so that
+        # low-precision uniforms cannot bias the keep probability.
+        keep = torch.rand(x.shape, device=x.device).ge_(self.p)
+        return keep.mul_(1.0 / (1.0 - self.p)).to(x.dtype)
+
+    @staticmethod
+    def _cpu_bits(x: Tensor) -> Tensor:
+        return torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-(2**63), None)
+
+    def _unfused(self, x: Tensor, bits: Tensor) -> Tensor:
+        # The product is taken in float32 at least and rounded once, so that a bfloat16
+        # input is scaled by the float32 factor, as the fused kernel does.
+        keep = bits.view(torch.int16)[:x.numel()].view(x.shape) >= self._threshold
+        factor = keep.to(torch.promote_types(x.dtype, torch.float32)).mul_(self._scale)
+        return (x * factor).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -136,8 +170,10 @@ class _EncoderLayer(nn.TransformerEncoderLayer):
 
     Where the fused CPU kernels are built (:mod:`step.models._fused`), heads of
     ``FUSED_HEAD_DIMS`` dimensions use the fused attention kernel, in float32,
-    float64 and under bfloat16 autocast; in full precision without autocast the
-    feed-forward block also adds its first bias inside a fused GELU. Otherwise, with
+    float64 and under bfloat16 autocast; the feed-forward block adds its first bias
+    inside a fused GELU (in full precision and under bfloat16 autocast); in training, each
+    residual connection adds its dropped-out branch in one pass, reading a bfloat16
+    branch (under autocast) beside the float32 residual stream. Otherwise, with
     a few dozen tokens and heads of
     8-16 dimensions, PyTorch's CPU flash-attention kernel (and above all its
     backward) costs more than plain batched matmuls and a softmax, several times
@@ -148,6 +184,24 @@ class _EncoderLayer(nn.TransformerEncoderLayer):
     the parent's computations.
     """
 
+    def forward(
+        self,
+        src: Tensor,
+        src_mask: Tensor | None = None,
+        src_key_padding_mask: Tensor | None = None,
+        is_causal: bool = False,
+    ) -> Tensor:
+        """The parent's pre-norm layer; in training on CPUs each residual connection adds
+        its dropped-out branch in one pass (:meth:`FastDropout.add_to`), and the
+        LayerNorms run as one kernel that writes bfloat16 under bfloat16 autocast."""
+        if not self.training or not self.norm_first or src.device.type != "cpu" \
+                or src_mask is not None or src_key_padding_mask is not None \
+                or not isinstance(self.dropout1, FastDropout) \
+                or not isinstance(self.dropout2, FastDropout):
+            return super().forward(src, src_mask, src_key_padding_mask, is_causal)
+        x = self.dropout1.add_to(src, self._attention(_layer_norm(self.norm1, src)))
+        return self.dropout2.add_to(x, self._feed_forward(_layer_norm(self.norm2, x)))
+
     def _sa_block(
         self,
         x: Tensor,
@@ -157,6 +211,10 @@ class _EncoderLayer(nn.TransformerEncoderLayer):
     ) -> Tensor:
         if x.device.type != "cpu" or attn_mask is not None or key_padding_mask is not None:
             return super()._sa_block(x, attn_mask, key_padding_mask, is_causal)
+        return self.dropout1(self._attention(x))
+
+    def _attention(self, x: Tensor) -> Tensor:
+        """Self-attention and output projection on the CPU, without masks or dropout."""
         attn = self.self_attn
         n, t, d = x.shape
         heads = attn.num_heads
@@ -165,7 +223,7 @@ class _EncoderLayer(nn.TransformerEncoderLayer):
         if head_dim in FUSED_HEAD_DIMS and qkv.dtype in FUSED_ATTENTION_DTYPES \
                 and fused_kernels_available():
             out = fused_self_attention(qkv, heads, head_dim**-0.5)
-            return self.dropout1(F.linear(out, attn.out_proj.weight, attn.out_proj.bias))
+            return F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
         qkv = qkv.view(n, t, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
         if head_dim <= NARROW_HEAD_DIM and qkv.dtype == torch.float32 \
                 and not torch.is_autocast_enabled("cpu"):
@@ -177,13 +235,31 @@ class _EncoderLayer(nn.TransformerEncoderLayer):
             scores = torch.matmul(q * head_dim**-0.5, k.transpose(-2, -1))
             weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
             out = torch.matmul(weights, v).transpose(1, 2).reshape(n, t, d)
-        return self.dropout1(F.linear(out, attn.out_proj.weight, attn.out_proj.bias))
+        return F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
 
     def _ff_block(self, x: Tensor) -> Tensor:
-        if self.activation is not F.gelu or self.linear1.bias is None or not _fused_applies(x):
-            return super()._ff_block(x)
+        return self.dropout2(self._feed_forward(x))
+
+    def _feed_forward(self, x: Tensor) -> Tensor:
+        """The feed-forward block without its output dropout."""
+        if self.activation is not F.gelu or self.linear1.bias is None \
+                or not (_fused_applies(x) or _fused_bf16_applies(x, self.linear1.bias)):
+            return self.linear2(self.dropout(self.activation(self.linear1(x))))
         hidden = fused_bias_gelu(torch.matmul(x, self.linear1.weight.t()), self.linear1.bias)
-        return self.dropout2(self.linear2(self.dropout(hidden)))
+        return self.linear2(self.dropout(hidden))
+
+
+def _layer_norm(norm: nn.LayerNorm, x: Tensor) -> Tensor:
+    """``norm(x)``; with the fused CPU kernels in one kernel, whose result is bfloat16
+    under bfloat16 autocast: the dtype the next product reads, so that no cast follows."""
+    if x.device.type != "cpu" or x.dtype not in FUSED_DTYPES or norm.weight is None \
+            or norm.bias is None or norm.weight.dtype != x.dtype \
+            or tuple(norm.normalized_shape) != (x.shape[-1],) or not fused_kernels_available():
+        return norm(x)
+    autocast_bf16 = torch.is_autocast_enabled("cpu") \
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype == torch.float32
+    return fused_layer_norm(x, norm.weight, norm.bias, norm.eps,
+                            torch.bfloat16 if autocast_bf16 else x.dtype)
 
 
 def _fused_likelihood_applies(x: Tensor, params: dict[str, Tensor]) -> bool:
@@ -194,6 +270,14 @@ def _fused_likelihood_applies(x: Tensor, params: dict[str, Tensor]) -> bool:
         and log_mu.shape == x.shape and log_mu.dtype == x.dtype == torch.float32 \
         and log_theta.shape in (x.shape, x.shape[1:]) and log_theta.dtype == x.dtype \
         and params.get("pi_logits", log_mu).shape == x.shape and fused_kernels_available()
+
+
+def _fused_bf16_applies(x: Tensor, bias: Tensor) -> bool:
+    """Whether the fused bias + GELU takes the product of ``x`` under bfloat16 autocast on
+    the CPU (a bfloat16 product and a float32 bias)."""
+    return x.device.type == "cpu" and bias.dtype == torch.float32 \
+        and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16 \
+        and fused_kernels_available()
 
 
 def _fused_applies(x: Tensor) -> bool:

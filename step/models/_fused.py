@@ -1,5 +1,6 @@
 """Fused CPU kernels of TranscriptFormer: narrow-head self-attention, bias + GELU, dropout
-and the (zero-inflated) negative binomial log-likelihood.
+(alone or with the residual addition of an encoder layer), LayerNorm (with its result in
+bfloat16 under autocast) and the (zero-inflated) negative binomial log-likelihood.
 
 The kernels (``csrc/fused_cpu.cpp``) are compiled for the machine at their first use
 with :func:`torch.utils.cpp_extension.load` and cached by PyTorch under
@@ -29,6 +30,7 @@ from torch.autograd.function import once_differentiable
 
 __all__ = [
     "FUSED_ATTENTION_DTYPES",
+    "FUSED_DROPOUT_DTYPES",
     "FUSED_DTYPES",
     "FUSED_HEAD_DIMS",
     "fused_bias_gelu",
@@ -36,6 +38,8 @@ __all__ = [
     "fused_dropout",
     "fused_kernels_available",
     "fused_kernels_off",
+    "fused_layer_norm",
+    "fused_residual_dropout",
     "fused_self_attention",
 ]
 
@@ -49,6 +53,9 @@ FUSED_DTYPES = (torch.float32, torch.float64)
 #: Dtypes the attention kernel takes: also bfloat16 (the projections under autocast),
 #: which it reads and writes as such but computes in float32.
 FUSED_ATTENTION_DTYPES = (*FUSED_DTYPES, torch.bfloat16)
+
+#: Dtypes the dropout kernels take (bfloat16 computed in float32, like attention).
+FUSED_DROPOUT_DTYPES = FUSED_ATTENTION_DTYPES
 
 _SOURCE = Path(__file__).with_name("csrc") / "fused_cpu.cpp"
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd"]
@@ -179,34 +186,42 @@ def fused_self_attention(qkv: Tensor, heads: int, scale: float) -> Tensor:
 class _FusedBiasGelu(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, h: Tensor, bias: Tensor) -> Tensor:
-        ctx.save_for_backward(h, bias)
-        return _module().bias_gelu_forward(h, bias)
+        out, derivative = _module().bias_gelu_forward(h, bias, any(ctx.needs_input_grad))
+        ctx.save_for_backward(derivative, bias)
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor]:
-        h, bias = ctx.saved_tensors
-        grad_h, grad_bias = _module().bias_gelu_backward(grad, h, bias)
+        derivative, bias = ctx.saved_tensors
+        grad_h, grad_bias = _module().bias_gelu_backward(grad, derivative, bias)
         return grad_h, grad_bias
 
 
 def fused_bias_gelu(h: Tensor, bias: Tensor) -> Tensor:
     """``gelu(h + bias)`` (the exact, erf-based GELU) in one pass, on the CPU.
 
+    The pass also writes the GELU's derivative, which the backward pass multiplies by
+    the incoming gradient (instead of evaluating erf again); it is kept in place of
+    ``h``, so the memory held for the backward pass is the same.
+
     Parameters
     ----------
     h
         A product without its bias, any shape whose last dimension is the bias's;
-        float32 or float64.
+        float32, float64 or bfloat16 (a product under autocast).
     bias
-        The bias, shape ``(h.shape[-1],)``.
+        The bias, shape ``(h.shape[-1],)``, of the dtype of ``h`` (float32 for bfloat16
+        ``h``).
 
     Returns
     -------
     Tensor
-        ``gelu(h + bias)``, differentiable with respect to both inputs. In float32, erf
-        is evaluated to an absolute error below 1.5e-7 (the result is within 4e-7 of
-        PyTorch's GELU); in float64 it is exact.
+        ``gelu(h + bias)`` in the dtype of ``h``, differentiable with respect to both
+        inputs (once). In float32, erf is evaluated to an absolute error below 1.5e-7
+        (the result is within 4e-7 of PyTorch's GELU); in float64 it is exact. For
+        bfloat16 ``h`` the sum, the GELU and its derivative are computed in float32 and
+        rounded once; the gradient of the bias is summed in float32.
 
     Raises
     ------
@@ -217,18 +232,25 @@ def fused_bias_gelu(h: Tensor, bias: Tensor) -> Tensor:
     return _FusedBiasGelu.apply(h.contiguous(), bias.contiguous())
 
 
+def _dropout_into(x: Tensor, bits: Tensor, threshold: int, scale: float,
+                  dtype: torch.dtype) -> Tensor:
+    out = torch.empty(x.shape, dtype=dtype)
+    _module().dropout_apply(x, bits, threshold, scale, out)
+    return out
+
+
 class _FusedDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, bits: Tensor, threshold: int, scale: float) -> Tensor:
         ctx.save_for_backward(bits)
-        ctx.threshold, ctx.scale = threshold, scale
-        return _module().dropout_apply(x, bits, threshold, scale)
+        ctx.threshold, ctx.scale, ctx.dtype = threshold, scale, x.dtype
+        return _dropout_into(x, bits, threshold, scale, x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
         (bits,) = ctx.saved_tensors
-        return _module().dropout_apply(grad, bits, ctx.threshold, ctx.scale), None, None, None
+        return _dropout_into(grad, bits, ctx.threshold, ctx.scale, ctx.dtype), None, None, None
 
 
 def fused_dropout(x: Tensor, bits: Tensor, threshold: int, scale: float) -> Tensor:
@@ -241,7 +263,8 @@ def fused_dropout(x: Tensor, bits: Tensor, threshold: int, scale: float) -> Tens
     Parameters
     ----------
     x
-        Activations, float32 or float64, on the CPU.
+        Activations, one of :data:`FUSED_DROPOUT_DTYPES`, on the CPU. bfloat16 is
+        multiplied in float32 and rounded once.
     bits
         Random int64 values, at least ``ceil(x.numel() / 4)`` of them.
     threshold
@@ -252,8 +275,9 @@ def fused_dropout(x: Tensor, bits: Tensor, threshold: int, scale: float) -> Tens
     Returns
     -------
     Tensor
-        The result, shaped like ``x``; the same values as
-        ``x * torch.where(bits.view(torch.int16)[:n].view(x.shape) >= threshold, scale, 0)``.
+        The result, shaped like ``x``, in its dtype; the same values as
+        ``(x * torch.where(bits.view(torch.int16)[:n].view(x.shape) >= threshold, scale,
+        0)).to(x.dtype)``.
 
     Raises
     ------
@@ -262,6 +286,106 @@ def fused_dropout(x: Tensor, bits: Tensor, threshold: int, scale: float) -> Tens
     """
     _require()
     return _FusedDropout.apply(x, bits, threshold, scale)
+
+
+class _FusedResidualDropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, residual: Tensor, x: Tensor, bits: Tensor, threshold: int,
+                scale: float) -> Tensor:
+        ctx.save_for_backward(bits)
+        ctx.threshold, ctx.scale, ctx.dtype = threshold, scale, x.dtype
+        return _module().dropout_add(residual, x, bits, threshold, scale)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None, None, None]:
+        (bits,) = ctx.saved_tensors
+        grad_x = _dropout_into(grad, bits, ctx.threshold, ctx.scale, ctx.dtype)
+        return grad, grad_x, None, None, None
+
+
+def fused_residual_dropout(residual: Tensor, x: Tensor, bits: Tensor, threshold: int,
+                           scale: float) -> Tensor:
+    """``residual + fused_dropout(x, ...)`` in one pass, as a residual connection adds a
+    dropped-out branch.
+
+    Parameters
+    ----------
+    residual
+        The residual stream, float32 or float64, on the CPU.
+    x
+        The branch, shaped like ``residual``, of its dtype or, under a float32 residual,
+        bfloat16 (an encoder branch under bfloat16 autocast).
+    bits, threshold, scale
+        As for :func:`fused_dropout`.
+
+    Returns
+    -------
+    Tensor
+        In the residual's dtype; bit for bit ``residual + fused_dropout(x, ...)``
+        (for a bfloat16 branch: the dropout computed in float32, not rounded back).
+        The gradient of ``x`` is returned in its dtype.
+
+    Raises
+    ------
+    RuntimeError
+        If the kernels are not available (check :func:`fused_kernels_available`), or the
+        shapes or dtypes do not fit.
+    """
+    _require()
+    return _FusedResidualDropout.apply(residual, x, bits, threshold, scale)
+
+
+class _FusedLayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, eps: float,
+                dtype: torch.dtype) -> Tensor:
+        out = torch.empty(x.shape, dtype=dtype)
+        mean, rstd = _module().layer_norm_forward(x, weight, bias, eps, out)
+        ctx.save_for_backward(x, mean, rstd, weight)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:
+        grad_x, grad_weight, grad_bias = _module().layer_norm_backward(grad, *ctx.saved_tensors)
+        return grad_x, grad_weight, grad_bias, None, None
+
+
+def fused_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
+                     dtype: torch.dtype | None = None) -> Tensor:
+    """LayerNorm over the last dimension in one pass per row, optionally written in
+    bfloat16, on the CPU.
+
+    Parameters
+    ----------
+    x
+        Input, float32 or float64.
+    weight, bias
+        Vectors of the last dimension's size, in the dtype of ``x``.
+    eps
+        Added to the variance.
+    dtype
+        Dtype of the result: that of ``x`` (None), or bfloat16 for float32 ``x`` (under
+        bfloat16 autocast the next product reads bfloat16, so the cast is folded in).
+
+    Returns
+    -------
+    Tensor
+        ``F.layer_norm(x, (width,), weight, bias, eps)`` computed in the dtype of ``x``
+        (mean and variance in two passes over the row) and rounded once to ``dtype``;
+        differentiable (once) with respect to ``x``, ``weight`` and ``bias``, whose
+        gradients have their dtypes, whatever the gradient of the result is.
+
+    Raises
+    ------
+    RuntimeError
+        If the kernels are not available (check :func:`fused_kernels_available`), or the
+        shapes or dtypes do not fit.
+    """
+    _require()
+    return _FusedLayerNorm.apply(x.contiguous(), weight.contiguous(), bias.contiguous(),
+                                 float(eps), x.dtype if dtype is None else dtype)
 
 
 class _FusedCountLogProb(torch.autograd.Function):

@@ -1,5 +1,5 @@
-"""The fused CPU kernels (attention, bias + GELU, dropout): exact gradients, the unfused
-results, fallbacks."""
+"""The fused CPU kernels (attention, bias + GELU, dropout, residual dropout, LayerNorm):
+exact gradients, the unfused results, fallbacks."""
 
 from __future__ import annotations
 
@@ -169,6 +169,175 @@ def test_dropout_gives_the_unfused_values_bit_for_bit() -> None:
 
 
 @needs_kernel
+def test_bias_gelu_in_bfloat16_is_the_float32_computation_rounded() -> None:
+    """A bfloat16 product with a float32 bias: the GELU of the float32 sum, rounded once;
+    the gradient of h is the incoming gradient times the derivative, each rounded to
+    bfloat16, and the bias gradient their float32 sum over the rows."""
+    torch.manual_seed(2)
+    h = (3 * torch.randn(70, 33, 48)).to(torch.bfloat16).requires_grad_()
+    bias = torch.randn(48, requires_grad=True)
+    grad = torch.randn(70, 33, 48).to(torch.bfloat16)
+    out = fused.fused_bias_gelu(h, bias)
+    assert out.dtype == torch.bfloat16
+    ref32 = fused.fused_bias_gelu(h.detach().float(), bias.detach())
+    assert torch.equal(out, ref32.to(torch.bfloat16))
+    grad_h, grad_bias = torch.autograd.grad(out, [h, bias], grad)
+    assert grad_h.dtype == torch.bfloat16 and grad_bias.dtype == torch.float32
+    h32 = h.detach().float().requires_grad_()
+    (derivative,) = torch.autograd.grad(fused.fused_bias_gelu(h32, bias.detach()).sum(), h32)
+    expected = grad.float() * derivative.to(torch.bfloat16).float()  # exact in float32
+    assert torch.equal(grad_h, expected.to(torch.bfloat16))
+    torch.testing.assert_close(grad_bias, expected.sum((0, 1)), rtol=1e-5, atol=1e-4)
+    # against the exact GELU in float64: bfloat16's own precision
+    u = (h.detach().double() + bias.detach().double()).requires_grad_()
+    (grad_ref,) = torch.autograd.grad(F.gelu(u), u, grad.double())
+    assert ((grad_h.double() - grad_ref).abs() <= 2 * 2**-8 * grad_ref.abs() + 1e-6).all()
+
+
+@needs_kernel
+def test_bias_gelu_without_gradients_matches_with() -> None:
+    h, bias = torch.randn(9, 16), torch.randn(16)
+    with torch.no_grad():
+        plain = fused.fused_bias_gelu(h, bias)
+    assert torch.equal(plain, fused.fused_bias_gelu(h.requires_grad_(), bias))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_residual_dropout_is_the_dropout_then_the_sum(dtype: torch.dtype) -> None:
+    """One pass gives, bit for bit, the residual plus the dropped-out branch (a bfloat16
+    branch scaled in float32 and not rounded before the sum); the branch's gradient is
+    the masked, scaled incoming gradient in the branch's dtype."""
+    drop = FastDropout(0.25).train()
+    residual = torch.randn(6, 33, 40, requires_grad=True)
+    x = torch.randn(6, 33, 40).to(dtype).requires_grad_()
+    grad = torch.randn(6, 33, 40)
+    torch.manual_seed(7)
+    out = drop.add_to(residual, x)
+    grads = torch.autograd.grad(out, [residual, x], grad)
+    torch.manual_seed(7)
+    bits = FastDropout._cpu_bits(x)
+    keep = bits.view(torch.int16)[:x.numel()].view(x.shape) >= drop._threshold
+    factor = torch.where(keep, drop._scale, 0.0)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, residual + x.float() * factor)
+    assert torch.equal(grads[0], grad)
+    assert grads[1].dtype == dtype and torch.equal(grads[1], (grad * factor).to(dtype))
+    assert 0.15 < (~keep).float().mean() < 0.35
+    # the random draws are those of the dropout alone
+    torch.manual_seed(7)
+    assert torch.equal(drop(x), (x.float() * factor).to(dtype))
+
+
+@needs_kernel
+def test_residual_dropout_falls_back_with_the_same_draws() -> None:
+    drop = FastDropout(0.3).train()
+    residual, x = torch.randn(5, 7, 12), torch.randn(5, 7, 12)
+    results = []
+    for off in (False, True):
+        torch.manual_seed(3)
+        with fused.fused_kernels_off() if off else contextlib.nullcontext():
+            results.append(drop.add_to(residual, x))
+    assert torch.equal(results[0], results[1])
+    drop.eval()
+    assert torch.equal(drop.add_to(residual, x), residual + x)
+
+
+@needs_kernel
+def test_bfloat16_dropout_scales_in_float32() -> None:
+    """The unfused and fused bfloat16 dropout both multiply by the float32 factor (1 / 0.9
+    is not a bfloat16 number) and round once, so the kept values stay unbiased."""
+    drop = FastDropout(0.1).train()
+    x = torch.randn(4, 9, 30).to(torch.bfloat16)
+    results = []
+    for off in (False, True):
+        torch.manual_seed(11)
+        with fused.fused_kernels_off() if off else contextlib.nullcontext():
+            results.append(drop(x))
+    assert torch.equal(results[0], results[1])
+    kept = results[0] != 0
+    expected = (x.float() * drop._scale).to(torch.bfloat16)
+    assert torch.equal(results[0][kept], expected[kept])
+
+
+@needs_kernel
+def test_layer_norm_gradients_are_exact_in_float64() -> None:
+    torch.manual_seed(0)
+    x = (2 * torch.randn(4, 3, 16, dtype=torch.float64) + 1).requires_grad_()
+    weight = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda *a: fused.fused_layer_norm(*a, 1e-5), (x, weight, bias))
+    torch.testing.assert_close(fused.fused_layer_norm(x, weight, bias, 1e-5),
+                               F.layer_norm(x, (16,), weight, bias, 1e-5))
+
+
+@needs_kernel
+def test_layer_norm_in_float32_and_into_bfloat16() -> None:
+    torch.manual_seed(1)
+    x = (3 * torch.randn(50, 33, 64) + 2).requires_grad_()
+    weight, bias = torch.randn(64, requires_grad=True), torch.randn(64, requires_grad=True)
+    grad = torch.randn(50, 33, 64)
+    ref = F.layer_norm(x, (64,), weight, bias, 1e-5)
+    ref_grads = torch.autograd.grad(ref, [x, weight, bias], grad)
+    ours = fused.fused_layer_norm(x, weight, bias, 1e-5)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(ours, [x, weight, bias], grad, retain_graph=True),
+                    ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # written in bfloat16: the float32 result rounded once; gradients from a bfloat16
+    # gradient are those of float32 with that gradient, in float32
+    low = fused.fused_layer_norm(x, weight, bias, 1e-5, torch.bfloat16)
+    assert low.dtype == torch.bfloat16 and torch.equal(low, ours.to(torch.bfloat16))
+    grad16 = grad.to(torch.bfloat16)
+    got = torch.autograd.grad(low, [x, weight, bias], grad16)
+    want = torch.autograd.grad(ours, [x, weight, bias], grad16.float())
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@needs_kernel
+def test_layer_norm_results_do_not_depend_on_the_thread_count() -> None:
+    torch.manual_seed(2)
+    x = torch.randn(300, 64, requires_grad=True)
+    weight, bias = torch.randn(64, requires_grad=True), torch.randn(64, requires_grad=True)
+    grad = torch.randn(300, 64)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out = fused.fused_layer_norm(x, weight, bias, 1e-5)
+            results.append((out, *torch.autograd.grad(out, [x, weight, bias], grad)))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@needs_kernel
+def test_encoder_layer_under_autocast_matches_the_unfused_layer() -> None:
+    """With dropout, under bfloat16 autocast, the fused layer (LayerNorm into bfloat16,
+    fused GELU, residual dropout) stays within bfloat16's precision of the unfused one
+    with the same random draws, outputs and gradients alike."""
+    torch.manual_seed(4)
+    enc = transformer_encoder(64, n_layers=2, n_heads=8, dropout=0.1).train()
+    x = torch.randn(16, 33, 64, requires_grad=True)
+    results = []
+    for off in (False, True):
+        torch.manual_seed(9)
+        with fused.fused_kernels_off() if off else contextlib.nullcontext(), \
+                torch.autocast("cpu", dtype=torch.bfloat16):
+            out = enc(x)
+        grads = torch.autograd.grad(out.float().square().sum(), [x, *enc.parameters()])
+        results.append((out.float(), grads))
+    scale = results[1][0].abs().max()
+    assert (results[0][0] - results[1][0]).abs().max() < 0.03 * scale
+    for a, b in zip(results[0][1], results[1][1]):
+        assert (a - b).norm() < 0.05 * b.norm() + 1e-6
+
+
+@needs_kernel
 def test_bias_gelu_refuses_a_bias_of_the_wrong_size() -> None:
     with pytest.raises(RuntimeError, match="bias"):
         fused.fused_bias_gelu(torch.randn(4, 6), torch.randn(5))
@@ -201,11 +370,10 @@ def test_encoder_uses_the_kernel_for_narrow_heads(monkeypatch: pytest.MonkeyPatc
     transformer_encoder(64, n_layers=1, n_heads=4, dropout=0.1)(x)  # 16-dim heads: unfused
     assert calls == [] and len(gelu_calls) == 1  # the feed-forward block still fuses
     gelu_calls.clear()
-    # under bfloat16 autocast the attention kernel takes the bfloat16 projection; the
-    # GELU kernel (full precision only) does not
+    # under bfloat16 autocast both kernels take the bfloat16 products
     with torch.autocast("cpu", dtype=torch.bfloat16):
         transformer_encoder(64, n_layers=1, n_heads=8, dropout=0.1)(x)
-    assert calls == [8] and gelu_calls == []
+    assert calls == [8] and gelu_calls == [(4, 33, 256)]
 
 
 def test_turned_off_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

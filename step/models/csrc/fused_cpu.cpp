@@ -13,13 +13,17 @@
 //    input is written in the input's layout. Only the log-sum-exp of every row of scores
 //    is saved for the backward pass, which recomputes the weights: cheaper than writing
 //    and reading back cells * heads * tokens^2 weights.
-// 2. Bias and GELU of the feed-forward block, gelu(h + bias), in one pass, and its
-//    backward pass (the gradient of h and of the bias) in another, instead of the bias
-//    copied into the product's output, the GELU, its gradient and the bias reduction as
-//    four passes over the widest activation of the layer.
+// 2. Bias and GELU of the feed-forward block, gelu(h + bias), in one pass that also
+//    writes its derivative, and its backward pass (the gradient of h, a product with
+//    the saved derivative, and of the bias) in another, instead of the bias copied into
+//    the product's output, the GELU, its gradient (a second evaluation of erf) and the
+//    bias reduction as four passes over the widest activation of the layer. Also for
+//    bfloat16 products under autocast, computed in float32.
 // 3. Dropout from random 16-bit chunks: x * (chunk >= threshold ? scale : 0) in one
 //    pass, for the forward (on the input) and the backward (on the gradient), so that
 //    no boolean or floating-point mask is built; the random bits are the only state.
+//    The dropout of an encoder layer's residual branch also adds the residual in the
+//    same pass, reading a bfloat16 branch (under autocast) beside the float32 stream.
 // 4. The negative binomial log-likelihood of counts, optionally zero-inflated, with its
 //    partial derivatives by the log mean, the log inverse dispersion and the
 //    zero-inflation logits, in two passes: one over all elements, vectorised, for the
@@ -116,75 +120,6 @@ STEP_INLINE void normal_cdf_pdf(double u, double& cdf, double& pdf) {
   pdf = std::exp(-0.5 * u * u) * 0.39894228040143268;
 }
 
-// Rows of one piece of work of the GELU kernels.
-constexpr int64_t kGeluRows = 64;
-
-template <typename T>
-void bias_gelu_forward_kernel(const T* h, const T* bias, T* out, int64_t rows, int64_t width) {
-  at::parallel_for(0, (rows + kGeluRows - 1) / kGeluRows, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin * kGeluRows; r < std::min(rows, end * kGeluRows); ++r) {
-      const T* __restrict__ hr = h + r * width;
-      T* __restrict__ outr = out + r * width;
-#pragma omp simd
-      for (int64_t j = 0; j < width; ++j) {
-        const T u = hr[j] + bias[j];
-        T cdf, pdf;
-        normal_cdf_pdf(u, cdf, pdf);
-        outr[j] = u * cdf;
-      }
-    }
-  });
-}
-
-template <typename T>
-void bias_gelu_backward_kernel(const T* grad, const T* h, const T* bias, T* grad_h,
-                               T* grad_bias, int64_t rows, int64_t width) {
-  const int64_t pieces = (rows + kGeluRows - 1) / kGeluRows;
-  std::vector<T> partial(pieces * width, T(0));
-  at::parallel_for(0, pieces, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t piece = begin; piece < end; ++piece) {
-      T* __restrict__ sums = partial.data() + piece * width;
-      for (int64_t r = piece * kGeluRows; r < std::min(rows, (piece + 1) * kGeluRows); ++r) {
-        const T* __restrict__ gr = grad + r * width;
-        const T* __restrict__ hr = h + r * width;
-        T* __restrict__ outr = grad_h + r * width;
-#pragma omp simd
-        for (int64_t j = 0; j < width; ++j) {
-          const T u = hr[j] + bias[j];
-          T cdf, pdf;
-          normal_cdf_pdf(u, cdf, pdf);
-          const T g = gr[j] * (cdf + u * pdf);
-          outr[j] = g;
-          sums[j] += g;
-        }
-      }
-    }
-  });
-  std::fill(grad_bias, grad_bias + width, T(0));
-  for (int64_t piece = 0; piece < pieces; ++piece) {
-    const T* sums = partial.data() + piece * width;
-    for (int64_t j = 0; j < width; ++j) grad_bias[j] += sums[j];
-  }
-}
-
-// Elements of one piece of work of the dropout kernel.
-constexpr int64_t kDropoutChunk = 1 << 14;
-
-template <typename T>
-void dropout_kernel(const T* x, const int16_t* bits, T* out, int64_t n, int16_t threshold,
-                    T scale) {
-  at::parallel_for(0, (n + kDropoutChunk - 1) / kDropoutChunk, 1, [&](int64_t begin, int64_t end) {
-    const int64_t stop = std::min(n, end * kDropoutChunk);
-    const T* __restrict__ in = x;
-    const int16_t* __restrict__ b = bits;
-    T* __restrict__ o = out;
-#pragma omp simd
-    for (int64_t i = begin * kDropoutChunk; i < stop; ++i) {
-      o[i] = in[i] * (b[i] >= threshold ? scale : T(0));
-    }
-  });
-}
-
 // Sizes and strides of one call, in elements.
 struct Layout {
   int64_t cells, tokens, heads, head_dim;
@@ -199,7 +134,7 @@ struct Layout {
 // accumulator is a whole vector. A cell with fewer heads pads the group with zeros.
 constexpr int64_t kHeadGroup = 8;
 
-// The attention kernel reads bfloat16 as its 16 bits (uint16_t) and converts them with
+// The kernels read bfloat16 as its 16 bits (uint16_t) and convert them with
 // plain integer arithmetic, inlined: widening shifts the bits up, narrowing rounds to
 // the nearest even value and keeps NaN a NaN, as PyTorch does.
 STEP_INLINE float widen(uint16_t bits) {
@@ -232,6 +167,202 @@ using storage_t = typename Storage<scalar_t>::type;
 template <typename scalar_t>
 storage_t<scalar_t>* elements(const torch::Tensor& t) {
   return reinterpret_cast<storage_t<scalar_t>*>(t.data_ptr<scalar_t>());
+}
+
+// Elements of one piece of work of the dropout kernels.
+constexpr int64_t kDropoutChunk = 1 << 14;
+
+// out = x * (chunk >= threshold ? scale : 0) in the compute type T (float32 for bfloat16
+// input or output), stored as O: the same values as multiplying in float32 and then
+// rounding, as PyTorch's conversion does.
+template <typename I, typename O, typename T>
+void dropout_kernel(const I* x, const int16_t* bits, O* out, int64_t n, int16_t threshold,
+                    T scale) {
+  at::parallel_for(0, (n + kDropoutChunk - 1) / kDropoutChunk, 1, [&](int64_t begin, int64_t end) {
+    const int64_t stop = std::min(n, end * kDropoutChunk);
+    const I* __restrict__ in = x;
+    const int16_t* __restrict__ b = bits;
+    O* __restrict__ o = out;
+#pragma omp simd
+    for (int64_t i = begin * kDropoutChunk; i < stop; ++i) {
+      narrow(widen(in[i]) * (b[i] >= threshold ? scale : T(0)), o[i]);
+    }
+  });
+}
+
+// Elements of one block of the residual dropout: the products of a block stay in L1
+// between its two loops.
+constexpr int64_t kResidualBlock = 512;
+
+// out = residual + x * (chunk >= threshold ? scale : 0), x of type I (T or bfloat16).
+// The products are written out before the sums in a second loop, so that the compiler
+// cannot contract them into fused multiply-adds: the result is then, bit for bit, the
+// dropout followed by the addition.
+template <typename I, typename T>
+void dropout_add_kernel(const T* residual, const I* x, const int16_t* bits, T* out, int64_t n,
+                        int16_t threshold, T scale) {
+  at::parallel_for(0, (n + kDropoutChunk - 1) / kDropoutChunk, 1, [&](int64_t begin, int64_t end) {
+    const int64_t stop = std::min(n, end * kDropoutChunk);
+    const T* __restrict__ r = residual;
+    const I* __restrict__ in = x;
+    const int16_t* __restrict__ b = bits;
+    T* __restrict__ o = out;
+    for (int64_t start = begin * kDropoutChunk; start < stop; start += kResidualBlock) {
+      const int64_t last = std::min(stop, start + kResidualBlock);
+#pragma omp simd
+      for (int64_t i = start; i < last; ++i) {
+        o[i] = widen(in[i]) * (b[i] >= threshold ? scale : T(0));
+      }
+#pragma omp simd
+      for (int64_t i = start; i < last; ++i) o[i] = r[i] + o[i];
+    }
+  });
+}
+
+// Rows of one piece of work of the GELU kernels.
+constexpr int64_t kGeluRows = 64;
+
+// gelu(h + bias) and, where derivative is not null, its derivative by h, from h of type S
+// (T, or bfloat16 under autocast) and a bias of the compute type T; the results stored
+// as S. Keeping the derivative makes the backward pass one product instead of a second
+// evaluation of erf.
+template <typename S, typename T>
+void bias_gelu_forward_kernel(const S* h, const T* bias, S* out, S* derivative, int64_t rows,
+                              int64_t width) {
+  at::parallel_for(0, (rows + kGeluRows - 1) / kGeluRows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin * kGeluRows; r < std::min(rows, end * kGeluRows); ++r) {
+      const S* __restrict__ hr = h + r * width;
+      S* __restrict__ outr = out + r * width;
+      if (derivative == nullptr) {
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) {
+          const T u = widen(hr[j]) + bias[j];
+          T cdf, pdf;
+          normal_cdf_pdf(u, cdf, pdf);
+          narrow(u * cdf, outr[j]);
+        }
+        continue;
+      }
+      S* __restrict__ dr = derivative + r * width;
+#pragma omp simd
+      for (int64_t j = 0; j < width; ++j) {
+        const T u = widen(hr[j]) + bias[j];
+        T cdf, pdf;
+        normal_cdf_pdf(u, cdf, pdf);
+        narrow(u * cdf, outr[j]);
+        narrow(cdf + u * pdf, dr[j]);
+      }
+    }
+  });
+}
+
+// The gradient of h (grad times the saved derivative, stored as S) and of the bias (its
+// sum over the rows in T, per piece of rows and then over the pieces in order, so that it
+// does not depend on the number of threads).
+template <typename S, typename T>
+void bias_gelu_backward_kernel(const S* grad, const S* derivative, S* grad_h, T* grad_bias,
+                               int64_t rows, int64_t width) {
+  const int64_t pieces = (rows + kGeluRows - 1) / kGeluRows;
+  std::vector<T> partial(pieces * width, T(0));
+  at::parallel_for(0, pieces, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t piece = begin; piece < end; ++piece) {
+      T* __restrict__ sums = partial.data() + piece * width;
+      for (int64_t r = piece * kGeluRows; r < std::min(rows, (piece + 1) * kGeluRows); ++r) {
+        const S* __restrict__ gr = grad + r * width;
+        const S* __restrict__ dr = derivative + r * width;
+        S* __restrict__ outr = grad_h + r * width;
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) {
+          const T g = widen(gr[j]) * widen(dr[j]);
+          narrow(g, outr[j]);
+          sums[j] += g;
+        }
+      }
+    }
+  });
+  std::fill(grad_bias, grad_bias + width, T(0));
+  for (int64_t piece = 0; piece < pieces; ++piece) {
+    const T* sums = partial.data() + piece * width;
+    for (int64_t j = 0; j < width; ++j) grad_bias[j] += sums[j];
+  }
+}
+
+// Rows of one piece of work of the LayerNorm kernels.
+constexpr int64_t kNormRows = 64;
+
+// LayerNorm of rows of x (T: float32 or float64) with the result stored as O (T, or
+// bfloat16 under autocast, where the next operation is a bfloat16 product). The mean and
+// the reciprocal standard deviation of every row are kept for the backward pass.
+template <typename T, typename O>
+void layer_norm_forward_kernel(const T* x, const T* gamma, const T* beta, O* out, T* mean,
+                               T* rstd, int64_t rows, int64_t width, T eps) {
+  at::parallel_for(0, (rows + kNormRows - 1) / kNormRows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin * kNormRows; r < std::min(rows, end * kNormRows); ++r) {
+      const T* __restrict__ xr = x + r * width;
+      O* __restrict__ outr = out + r * width;
+      T sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < width; ++j) sum += xr[j];
+      const T m = sum / width;
+      T squares = 0;
+#pragma omp simd reduction(+ : squares)
+      for (int64_t j = 0; j < width; ++j) squares += (xr[j] - m) * (xr[j] - m);
+      const T s = T(1) / std::sqrt(squares / width + eps);
+#pragma omp simd
+      for (int64_t j = 0; j < width; ++j) narrow((xr[j] - m) * s * gamma[j] + beta[j], outr[j]);
+      mean[r] = m;
+      rstd[r] = s;
+    }
+  });
+}
+
+// Gradients of the input, the weight and the bias from the gradient of the output (of
+// type O). The weight and bias gradients are summed per piece of rows and then over the
+// pieces in order, so they do not depend on the number of threads.
+template <typename T, typename O>
+void layer_norm_backward_kernel(const O* grad, const T* x, const T* mean, const T* rstd,
+                                const T* gamma, T* grad_x, T* grad_gamma, T* grad_beta,
+                                int64_t rows, int64_t width) {
+  const int64_t pieces = (rows + kNormRows - 1) / kNormRows;
+  std::vector<T> partial(2 * pieces * width, T(0));
+  at::parallel_for(0, pieces, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t piece = begin; piece < end; ++piece) {
+      T* __restrict__ sum_gamma = partial.data() + 2 * piece * width;
+      T* __restrict__ sum_beta = sum_gamma + width;
+      for (int64_t r = piece * kNormRows; r < std::min(rows, (piece + 1) * kNormRows); ++r) {
+        const O* __restrict__ gr = grad + r * width;
+        const T* __restrict__ xr = x + r * width;
+        T* __restrict__ outr = grad_x + r * width;
+        const T m = mean[r], s = rstd[r];
+        T a = 0, b = 0;
+#pragma omp simd reduction(+ : a, b)
+        for (int64_t j = 0; j < width; ++j) {
+          const T g = widen(gr[j]);
+          const T xhat = (xr[j] - m) * s;
+          a += g * gamma[j];
+          b += g * gamma[j] * xhat;
+          sum_gamma[j] += g * xhat;
+          sum_beta[j] += g;
+        }
+        a /= width;
+        b /= width;
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) {
+          const T xhat = (xr[j] - m) * s;
+          outr[j] = s * (widen(gr[j]) * gamma[j] - a - xhat * b);
+        }
+      }
+    }
+  });
+  std::fill(grad_gamma, grad_gamma + width, T(0));
+  std::fill(grad_beta, grad_beta + width, T(0));
+  for (int64_t piece = 0; piece < pieces; ++piece) {
+    const T* sums = partial.data() + 2 * piece * width;
+    for (int64_t j = 0; j < width; ++j) {
+      grad_gamma[j] += sums[j];
+      grad_beta[j] += sums[width + j];
+    }
+  }
 }
 
 // Whole groups of eight heads of eight dimensions move between the projection's layout
@@ -604,58 +735,211 @@ torch::Tensor attention_backward(const torch::Tensor& grad_out, const torch::Ten
   return grad_qkv;
 }
 
+// h: float32, float64 or bfloat16; the bias: a vector of h's width, of h's dtype or
+// float32 for bfloat16 h (a float32 parameter under autocast).
 void check_bias_gelu(const torch::Tensor& h, const torch::Tensor& bias) {
   TORCH_CHECK(h.is_contiguous() && h.dim() >= 1, "the product must be contiguous");
+  const auto type = h.scalar_type();
+  TORCH_CHECK(type == torch::kFloat || type == torch::kDouble || type == torch::kBFloat16,
+              "bias + GELU takes float32, float64 or bfloat16");
+  const auto bias_type = type == torch::kBFloat16 ? torch::kFloat : type;
   TORCH_CHECK(bias.dim() == 1 && bias.size(0) == h.size(-1) && bias.is_contiguous() &&
-                  bias.scalar_type() == h.scalar_type(),
-              "the bias must be a vector of the product's width and dtype");
+                  bias.scalar_type() == bias_type,
+              "the bias must be a vector of the product's width and dtype (float32 for "
+              "a bfloat16 product)");
 }
 
-torch::Tensor bias_gelu_forward(const torch::Tensor& h, const torch::Tensor& bias) {
+// gelu(h + bias) and, where asked for (for the backward pass), its derivative by h, both
+// of h's dtype; without it the second tensor is empty.
+std::vector<torch::Tensor> bias_gelu_forward(const torch::Tensor& h, const torch::Tensor& bias,
+                                             bool with_derivative) {
   check_bias_gelu(h, bias);
   auto out = torch::empty_like(h);
+  auto derivative = with_derivative ? torch::empty_like(h) : torch::empty({0}, h.options());
   const int64_t width = h.size(-1), rows = width ? h.numel() / width : 0;
-  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "bias_gelu_forward", [&] {
-    bias_gelu_forward_kernel<scalar_t>(h.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(),
-                                       out.data_ptr<scalar_t>(), rows, width);
-  });
-  return out;
+  if (h.scalar_type() == torch::kBFloat16) {
+    bias_gelu_forward_kernel(elements<at::BFloat16>(h), bias.data_ptr<float>(),
+                             elements<at::BFloat16>(out),
+                             with_derivative ? elements<at::BFloat16>(derivative) : nullptr,
+                             rows, width);
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "bias_gelu_forward", [&] {
+      bias_gelu_forward_kernel(h.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(),
+                               out.data_ptr<scalar_t>(),
+                               with_derivative ? derivative.data_ptr<scalar_t>() : nullptr,
+                               rows, width);
+    });
+  }
+  return {out, derivative};
 }
 
+// The gradients of h (of its dtype) and of the bias (of the bias's dtype).
 std::vector<torch::Tensor> bias_gelu_backward(const torch::Tensor& grad_out,
-                                              const torch::Tensor& h,
+                                              const torch::Tensor& derivative,
                                               const torch::Tensor& bias) {
-  check_bias_gelu(h, bias);
-  auto grad = grad_out.contiguous();
-  TORCH_CHECK(grad.sizes() == h.sizes(), "gradient of the output has the wrong shape");
-  auto grad_h = torch::empty_like(h);
+  check_bias_gelu(derivative, bias);
+  auto grad = grad_out.to(derivative.scalar_type()).contiguous();
+  TORCH_CHECK(grad.sizes() == derivative.sizes(), "gradient of the output has the wrong shape");
+  auto grad_h = torch::empty_like(derivative);
   auto grad_bias = torch::empty_like(bias);
-  const int64_t width = h.size(-1), rows = width ? h.numel() / width : 0;
-  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "bias_gelu_backward", [&] {
-    bias_gelu_backward_kernel<scalar_t>(grad.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(),
-                                        bias.data_ptr<scalar_t>(), grad_h.data_ptr<scalar_t>(),
-                                        grad_bias.data_ptr<scalar_t>(), rows, width);
-  });
+  const int64_t width = derivative.size(-1), rows = width ? derivative.numel() / width : 0;
+  if (derivative.scalar_type() == torch::kBFloat16) {
+    bias_gelu_backward_kernel(elements<at::BFloat16>(grad), elements<at::BFloat16>(derivative),
+                              elements<at::BFloat16>(grad_h), grad_bias.data_ptr<float>(), rows,
+                              width);
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(derivative.scalar_type(), "bias_gelu_backward", [&] {
+      bias_gelu_backward_kernel(grad.data_ptr<scalar_t>(), derivative.data_ptr<scalar_t>(),
+                                grad_h.data_ptr<scalar_t>(), grad_bias.data_ptr<scalar_t>(),
+                                rows, width);
+    });
+  }
   return {grad_h, grad_bias};
 }
 
-torch::Tensor dropout_apply(const torch::Tensor& x, const torch::Tensor& bits, int64_t threshold,
-                            double scale) {
-  auto input = x.contiguous();
+void check_dropout_bits(const torch::Tensor& bits, int64_t n, int64_t threshold) {
   TORCH_CHECK(bits.scalar_type() == torch::kInt64 && bits.is_contiguous() &&
-                  bits.numel() * 4 >= input.numel(),
+                  bits.numel() * 4 >= n,
               "dropout needs one random 64-bit integer per four elements");
   TORCH_CHECK(threshold >= -32768 && threshold <= 32767, "dropout threshold out of range");
-  auto out = torch::empty_like(input);
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dropout_apply", [&] {
-    dropout_kernel<scalar_t>(input.data_ptr<scalar_t>(),
-                             reinterpret_cast<const int16_t*>(bits.data_ptr<int64_t>()),
-                             out.data_ptr<scalar_t>(), input.numel(),
-                             static_cast<int16_t>(threshold), static_cast<scalar_t>(scale));
-  });
+}
+
+const int16_t* dropout_chunks(const torch::Tensor& bits) {
+  return reinterpret_cast<const int16_t*>(bits.data_ptr<int64_t>());
+}
+
+// x * (chunk >= threshold ? scale : 0) written into out: of x's dtype, or bfloat16 for
+// float32 x (the gradient of a bfloat16 branch of residual_dropout).
+void dropout_apply(const torch::Tensor& x, const torch::Tensor& bits, int64_t threshold,
+                   double scale, torch::Tensor& out) {
+  auto input = x.contiguous();
+  check_dropout_bits(bits, input.numel(), threshold);
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == input.sizes(),
+              "the dropout output must be contiguous and shaped like the input");
+  const auto in_type = input.scalar_type(), out_type = out.scalar_type();
+  TORCH_CHECK(in_type == out_type || (in_type == torch::kFloat && out_type == torch::kBFloat16),
+              "dropout writes the input's dtype, or bfloat16 from float32");
+  const auto n = input.numel();
+  const auto t = static_cast<int16_t>(threshold);
+  const auto* chunks = dropout_chunks(bits);
+  if (in_type == torch::kDouble) {
+    dropout_kernel(input.data_ptr<double>(), chunks, out.data_ptr<double>(), n, t, scale);
+  } else if (in_type == torch::kBFloat16) {
+    dropout_kernel(elements<at::BFloat16>(input), chunks, elements<at::BFloat16>(out), n, t,
+                   static_cast<float>(scale));
+  } else if (out_type == torch::kBFloat16) {
+    dropout_kernel(input.data_ptr<float>(), chunks, elements<at::BFloat16>(out), n, t,
+                   static_cast<float>(scale));
+  } else {
+    TORCH_CHECK(in_type == torch::kFloat, "dropout takes float32, float64 or bfloat16");
+    dropout_kernel(input.data_ptr<float>(), chunks, out.data_ptr<float>(), n, t,
+                   static_cast<float>(scale));
+  }
+}
+
+// residual + x * (chunk >= threshold ? scale : 0), in the residual's dtype (float32 or
+// float64); x has that dtype too, or is bfloat16 under a float32 residual.
+torch::Tensor dropout_add(const torch::Tensor& residual, const torch::Tensor& x,
+                          const torch::Tensor& bits, int64_t threshold, double scale) {
+  auto base = residual.contiguous();
+  auto input = x.contiguous();
+  TORCH_CHECK(base.sizes() == input.sizes(), "the residual and the branch differ in shape");
+  check_dropout_bits(bits, input.numel(), threshold);
+  const auto base_type = base.scalar_type(), in_type = input.scalar_type();
+  TORCH_CHECK(base_type == in_type || (base_type == torch::kFloat && in_type == torch::kBFloat16),
+              "the branch must have the residual's dtype, or be bfloat16 under float32");
+  auto out = torch::empty_like(base);
+  const auto n = input.numel();
+  const auto t = static_cast<int16_t>(threshold);
+  const auto* chunks = dropout_chunks(bits);
+  if (base_type == torch::kDouble) {
+    dropout_add_kernel(base.data_ptr<double>(), input.data_ptr<double>(), chunks,
+                       out.data_ptr<double>(), n, t, scale);
+  } else if (in_type == torch::kBFloat16) {
+    dropout_add_kernel(base.data_ptr<float>(), elements<at::BFloat16>(input), chunks,
+                       out.data_ptr<float>(), n, t, static_cast<float>(scale));
+  } else {
+    TORCH_CHECK(base_type == torch::kFloat, "residual dropout takes float32 or float64");
+    dropout_add_kernel(base.data_ptr<float>(), input.data_ptr<float>(), chunks,
+                       out.data_ptr<float>(), n, t, static_cast<float>(scale));
+  }
   return out;
 }
 
+// LayerNorm over the last dimension of x (float32 or float64), written into out: of x's
+// dtype, or bfloat16 for float32 x. Returns the row means and reciprocal deviations.
+std::vector<torch::Tensor> layer_norm_forward(const torch::Tensor& x, const torch::Tensor& gamma,
+                                              const torch::Tensor& beta, double eps,
+                                              torch::Tensor& out) {
+  TORCH_CHECK(x.is_contiguous() && x.dim() >= 1, "the input must be contiguous");
+  const int64_t width = x.size(-1), rows = width ? x.numel() / width : 0;
+  const auto type = x.scalar_type();
+  TORCH_CHECK(type == torch::kFloat || type == torch::kDouble,
+              "LayerNorm takes float32 or float64 input");
+  for (const auto* t : {&gamma, &beta}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == width && t->is_contiguous() &&
+                    t->scalar_type() == type,
+                "the weight and bias must be vectors of the input's width and dtype");
+  }
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == x.sizes() &&
+                  (out.scalar_type() == type ||
+                   (type == torch::kFloat && out.scalar_type() == torch::kBFloat16)),
+              "the output must be shaped like the input, of its dtype or bfloat16");
+  auto mean = torch::empty({rows}, x.options());
+  auto rstd = torch::empty({rows}, x.options());
+  if (type == torch::kDouble) {
+    layer_norm_forward_kernel(x.data_ptr<double>(), gamma.data_ptr<double>(),
+                              beta.data_ptr<double>(), out.data_ptr<double>(),
+                              mean.data_ptr<double>(), rstd.data_ptr<double>(), rows, width, eps);
+  } else if (out.scalar_type() == torch::kBFloat16) {
+    layer_norm_forward_kernel(x.data_ptr<float>(), gamma.data_ptr<float>(),
+                              beta.data_ptr<float>(), elements<at::BFloat16>(out),
+                              mean.data_ptr<float>(), rstd.data_ptr<float>(), rows, width,
+                              static_cast<float>(eps));
+  } else {
+    layer_norm_forward_kernel(x.data_ptr<float>(), gamma.data_ptr<float>(),
+                              beta.data_ptr<float>(), out.data_ptr<float>(),
+                              mean.data_ptr<float>(), rstd.data_ptr<float>(), rows, width,
+                              static_cast<float>(eps));
+  }
+  return {mean, rstd};
+}
+
+std::vector<torch::Tensor> layer_norm_backward(const torch::Tensor& grad_out,
+                                               const torch::Tensor& x, const torch::Tensor& mean,
+                                               const torch::Tensor& rstd,
+                                               const torch::Tensor& gamma) {
+  auto grad = grad_out.contiguous();
+  TORCH_CHECK(grad.sizes() == x.sizes(), "gradient of the output has the wrong shape");
+  const int64_t width = x.size(-1), rows = width ? x.numel() / width : 0;
+  const auto type = x.scalar_type();
+  TORCH_CHECK(grad.scalar_type() == type ||
+                  (type == torch::kFloat && grad.scalar_type() == torch::kBFloat16),
+              "the gradient must have the input's dtype, or bfloat16 for float32 input");
+  auto grad_x = torch::empty_like(x);
+  auto grad_gamma = torch::empty_like(gamma);
+  auto grad_beta = torch::empty_like(gamma);
+  if (type == torch::kDouble) {
+    layer_norm_backward_kernel(grad.data_ptr<double>(), x.data_ptr<double>(),
+                               mean.data_ptr<double>(), rstd.data_ptr<double>(),
+                               gamma.data_ptr<double>(), grad_x.data_ptr<double>(),
+                               grad_gamma.data_ptr<double>(), grad_beta.data_ptr<double>(),
+                               rows, width);
+  } else if (grad.scalar_type() == torch::kBFloat16) {
+    layer_norm_backward_kernel(elements<at::BFloat16>(grad), x.data_ptr<float>(),
+                               mean.data_ptr<float>(), rstd.data_ptr<float>(),
+                               gamma.data_ptr<float>(), grad_x.data_ptr<float>(),
+                               grad_gamma.data_ptr<float>(), grad_beta.data_ptr<float>(),
+                               rows, width);
+  } else {
+    layer_norm_backward_kernel(grad.data_ptr<float>(), x.data_ptr<float>(),
+                               mean.data_ptr<float>(), rstd.data_ptr<float>(),
+                               gamma.data_ptr<float>(), grad_x.data_ptr<float>(),
+                               grad_gamma.data_ptr<float>(), grad_beta.data_ptr<float>(),
+                               rows, width);
+  }
+  return {grad_x, grad_gamma, grad_beta};
+}
 
 // log(1 + u) for 0 <= u <= 1 as 2 atanh(s), s = u / (2 + u) <= 1/3, from its series to
 // s^15 (relative error below 2e-9): no cancellation for small u, and plain arithmetic
@@ -905,8 +1189,11 @@ std::vector<torch::Tensor> count_log_prob(const torch::Tensor& x, const torch::T
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_forward", &attention_forward, "fused attention, forward");
   m.def("attention_backward", &attention_backward, "fused attention, backward");
-  m.def("bias_gelu_forward", &bias_gelu_forward, "gelu(h + bias)");
+  m.def("bias_gelu_forward", &bias_gelu_forward, "gelu(h + bias) and its derivative");
   m.def("bias_gelu_backward", &bias_gelu_backward, "gradients of gelu(h + bias)");
-  m.def("dropout_apply", &dropout_apply, "x * (16-bit chunk >= threshold ? scale : 0)");
+  m.def("dropout_apply", &dropout_apply, "out = x * (16-bit chunk >= threshold ? scale : 0)");
+  m.def("layer_norm_forward", &layer_norm_forward, "LayerNorm of rows, into out");
+  m.def("layer_norm_backward", &layer_norm_backward, "gradients of LayerNorm");
+  m.def("dropout_add", &dropout_add, "residual + x * (16-bit chunk >= threshold ? scale : 0)");
   m.def("count_log_prob", &count_log_prob, "(zero-inflated) negative binomial log p(x), derivatives");
 }
