@@ -14,7 +14,8 @@ adjusted Rand index (ARI) and normalised mutual information (NMI):
 - scVI: the default ``scvi.model.SCVI`` trained for 30 epochs through
   ``benchmarks/peers/scvi_driver.py`` in its own environment, latent means;
 - ``step`` under bf16 autocast (full mode), to check that the faster path keeps the
-  embedding quality.
+  embedding quality; with ``--methods ... fp32``, also ``step`` in full precision
+  (``precision="fp32"``), for machines where the workflow's ``"auto"`` default is bf16.
 
 Clustering (the same for every embedding, ``benchmarks/_leiden_protocol.py``): scanpy's
 kNN graph (15 neighbours) on the embedding, then Leiden (igraph flavour, 2 iterations)
@@ -50,7 +51,8 @@ from step.datasets import pbmc68k_counts
 LABEL_KEY = "bulk_labels"
 STEPKIT_EPOCHS = 100
 SCVI_EPOCHS = 30
-METHODS = ("ours", "bf16", "pca", "stepkit", "scvi")
+METHODS = ("ours", "fp32", "bf16", "pca", "stepkit", "scvi")
+DEFAULT_METHODS = ("ours", "bf16", "pca", "stepkit", "scvi")
 DEFAULT_SCVI_PYTHON = Path(os.environ.get("SCVI_PYTHON", C.DEFAULT_SCVI_PYTHON))
 
 
@@ -64,14 +66,15 @@ def pca_rep(adata) -> np.ndarray:
     return np.asarray(work.obsm["X_pca"])
 
 
-def ours(adata, seed: int, device: str, *, epochs: int | None = None, bf16: bool = False
-         ) -> tuple[np.ndarray, dict[str, Any]]:
-    """``X_rep`` of ``scModel`` at its defaults (``epochs`` only when given)."""
+def ours(adata, seed: int, device: str, *, epochs: int | None = None,
+         precision: str | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """``X_rep`` of ``scModel`` at its defaults (``epochs`` and ``precision`` only when
+    given)."""
     from step.workflows import scModel
 
     work = adata.copy()
     model = scModel(work, seed=seed, device=device)
-    kw: dict[str, Any] = {"amp": "bf16"} if bf16 else {}
+    kw: dict[str, Any] = {"precision": precision} if precision else {}
     if epochs is not None:
         kw["epochs"] = epochs
     history = model.run(verbose=False, **kw)
@@ -185,8 +188,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="python of the separate scVI environment (default: "
                              "$SCVI_PYTHON or ~/.cache/step-peers/scvi)")
     parser.add_argument("--no-scvi", action="store_true", help="skip the scVI rows")
-    parser.add_argument("--methods", nargs="*", choices=METHODS, default=list(METHODS),
-                        help="what to run here (none: only merge --merge files)")
+    parser.add_argument("--methods", nargs="*", choices=METHODS, default=list(DEFAULT_METHODS),
+                        help="what to run here (none: only merge --merge files; fp32 only "
+                             "when named)")
     parser.add_argument("--name", default="quality",
                         help="base name of the result files (default: quality)")
     parser.add_argument("--merge", nargs="+", type=Path, default=[],
@@ -210,14 +214,17 @@ def main(argv: list[str] | None = None) -> None:
         tmp = Path(tmpdir)
         h5ad = C.write_counts_h5ad(adata, tmp / "pbmc.h5ad")
         for seed in seeds:
-            variants = [("step scModel (X_rep, posterior mean)", False)] \
+            variants = [("step scModel (X_rep, posterior mean)", None)] \
                 if "ours" in args.methods else []
+            if "fp32" in args.methods:
+                variants.append(("step scModel, fp32", "fp32"))
             if args.bf16 and "bf16" in args.methods:
-                variants.append(("step scModel, bf16 autocast", True))
-            for label, bf16 in variants:
+                variants.append(("step scModel, bf16 autocast", "bf16"))
+            for label, precision in variants:
                 print(f"seed {seed}: {label}", flush=True)
                 t = time.perf_counter()
-                rep, meta = ours(adata, seed, args.device, epochs=args.epochs, bf16=bf16)
+                rep, meta = ours(adata, seed, args.device, epochs=args.epochs,
+                                 precision=precision)
                 secs = time.perf_counter() - t
                 extra["step_model_config"] = meta["model_config"]
                 per_run.add(method=label, seed=seed, train_s=secs,
@@ -246,7 +253,8 @@ def report(args, info: dict[str, Any], runs: C.Table, extra: dict[str, Any], not
         extra = {"step_model_config": payload.get("step_model_config"), **extra}
         notes += [n for n in payload.get("notes", []) if n not in notes]
         per_run.rows += [r for r in payload["tables"]["quality_runs"] if r["seed"] in seeds]
-    order = ["step scModel (X_rep", "step scModel, bf16", "PCA", "step-kit", "scVI"]
+    order = ["step scModel (X_rep", "step scModel, fp32", "step scModel, bf16", "PCA",
+             "step-kit", "scVI"]
     per_run.rows.sort(key=lambda r: (r["seed"], next(i for i, p in enumerate(order)
                                                      if r["method"].startswith(p))))
     summary = summary_table(per_run, len(np.unique(truth)),

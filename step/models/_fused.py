@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import platform
+import sys
 import threading
 import warnings
 from collections.abc import Iterator
@@ -37,6 +38,7 @@ __all__ = [
     "fused_count_log_prob",
     "fused_dropout",
     "fused_kernels_available",
+    "fused_kernel_threads",
     "fused_kernels_off",
     "fused_layer_norm",
     "fused_residual_dropout",
@@ -59,6 +61,10 @@ FUSED_DROPOUT_DTYPES = FUSED_ATTENTION_DTYPES
 
 _SOURCE = Path(__file__).with_name("csrc") / "fused_cpu.cpp"
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd"]
+# Without OpenMP, at::parallel_for runs the kernels on one thread whatever
+# torch.set_num_threads says; with it, they share torch's OpenMP runtime (the library
+# of the same name that torch has already loaded) and its threads.
+_OPENMP_FLAGS = ["-fopenmp"]
 _ENV = "STEP_FUSED_KERNELS"
 
 _log = logging.getLogger(__name__)
@@ -76,12 +82,20 @@ def _cpu_signature() -> str:
     return "\n".join(sorted({line for line in lines if line.startswith(wanted)}))
 
 
+def _build_flags() -> tuple[list[str], list[str]]:
+    """Compiler and linker flags: OpenMP where torch itself is built with it, on Linux."""
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        return [*_FLAGS, *_OPENMP_FLAGS], list(_OPENMP_FLAGS)
+    return list(_FLAGS), []
+
+
 def _build_name() -> str:
     """An extension name that changes with the source, the flags, torch and the CPU, so
     that a cache shared by several machines never hands one CPU another's build."""
     digest = hashlib.sha1()
-    for part in (_SOURCE.read_bytes(), " ".join(_FLAGS).encode(), torch.__version__.encode(),
-                 _cpu_signature().encode()):
+    cflags, ldflags = _build_flags()
+    for part in (_SOURCE.read_bytes(), " ".join(cflags + ldflags).encode(),
+                 torch.__version__.encode(), _cpu_signature().encode()):
         digest.update(part)
     return f"step_fused_cpu_{digest.hexdigest()[:12]}"
 
@@ -93,7 +107,9 @@ def _load() -> ModuleType | None:
         from torch.utils.cpp_extension import load
 
         _log.info("Loading the fused CPU kernels (compiled at their first use on a machine).")
-        return load(_build_name(), [str(_SOURCE)], extra_cflags=_FLAGS, verbose=False)
+        cflags, ldflags = _build_flags()
+        return load(_build_name(), [str(_SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags,
+                    verbose=False)
     except Exception as err:  # noqa: BLE001 - any build failure falls back
         warnings.warn(f"The fused CPU kernels are not available ({type(err).__name__}: "
                       f"{str(err).strip()[:300]}); the model runs unfused, which is slower. "
@@ -120,6 +136,21 @@ def fused_kernels_available() -> bool:
         built.
     """
     return _state["off"] == 0 and _module() is not None
+
+
+def fused_kernel_threads(pieces: int = 64) -> int:
+    """How many threads the fused kernels split ``pieces`` pieces of work over.
+
+    At most ``torch.get_num_threads()``; 1 where the kernels were built without OpenMP
+    (off Linux, or with a torch that does not use it), which then run on one thread.
+
+    Raises
+    ------
+    RuntimeError
+        If the kernels are not available (check :func:`fused_kernels_available`).
+    """
+    _require()
+    return int(_module().parallel_threads(int(pieces)))
 
 
 @contextlib.contextmanager

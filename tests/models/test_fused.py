@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import sys
 import warnings
 
 import pytest
@@ -92,6 +93,21 @@ def test_second_derivatives_are_refused_not_wrong() -> None:
                                   create_graph=True)
     with pytest.raises(RuntimeError, match="grad"):
         grad.sum().backward()
+
+
+@needs_kernel
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and torch.backends.openmp.is_available()),
+                    reason="the kernels are built with OpenMP on Linux only")
+def test_kernels_split_their_work_over_torchs_threads() -> None:
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert fused.fused_kernel_threads(64) == 1
+        torch.set_num_threads(2)
+        assert fused.fused_kernel_threads(64) == 2
+        assert fused.fused_kernel_threads(1) == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 @needs_kernel
@@ -441,3 +457,35 @@ def test_build_name_follows_the_source_and_the_cpu(monkeypatch: pytest.MonkeyPat
     assert name.startswith("step_fused_cpu_")
     monkeypatch.setattr(fused, "_cpu_signature", lambda: "another cpu")
     assert fused._build_name() != name
+
+
+@needs_kernel
+def test_elementwise_kernels_do_not_depend_on_the_thread_count() -> None:
+    """GELU, dropout, residual dropout and the likelihood, forward and backward, on
+    enough rows that two threads each get several pieces of work."""
+    torch.manual_seed(4)
+    h = torch.randn(600, 256, requires_grad=True)
+    bias = torch.randn(256, requires_grad=True)
+    residual = torch.randn(600, 256, requires_grad=True)
+    bits = FastDropout._cpu_bits(h)
+    counts = torch.poisson(torch.rand(300, 500) * 4)
+    log_mu = torch.randn(300, 500, requires_grad=True)
+    log_theta = torch.randn(300, 500, requires_grad=True)
+    pi_logits = torch.randn(300, 500, requires_grad=True)
+    leaves = [h, bias, residual, log_mu, log_theta, pi_logits]
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            gelu = fused.fused_bias_gelu(h, bias)
+            dropped = fused.fused_dropout(gelu, bits, -29491, 1 / 0.9)
+            summed = fused.fused_residual_dropout(residual, dropped, bits, -3277, 1 / 0.6)
+            log_p = fused.fused_count_log_prob(counts, log_mu, log_theta, pi_logits)
+            loss = summed.square().sum() + log_p.sum()
+            results.append((gelu, dropped, summed, log_p,
+                            *torch.autograd.grad(loss, leaves)))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -37,7 +37,8 @@
 //    of elementwise passes autograd records for the same formula.
 //
 // Work is split into pieces of fixed size, each computed by one thread in a fixed
-// order, so results do not depend on the number of threads.
+// order, so results do not depend on the number of threads. The pieces run on torch's
+// intra-op threads (at::parallel_for) where the build has OpenMP, as on Linux.
 
 #include <torch/extension.h>
 #include <ATen/OpMathType.h>
@@ -65,6 +66,13 @@ namespace {
 #else
 #define STEP_INLINE inline
 #endif
+
+// The vectorised loops live in small functions that take their pointers and scalars as
+// arguments, called from the lambdas that at::parallel_for runs. Inside a lambda, a
+// variable captured by reference is read through the closure, which a store through an
+// output pointer might overwrite as far as the compiler knows; built with OpenMP (where
+// the lambda is also called from a parallel region and not inlined into its caller),
+// GCC then leaves such loops scalar. Arguments are read once, before the loop.
 
 // exp(x) for x <= 0 (softmax arguments after subtracting the row maximum, minus a
 // square), written as plain arithmetic so that the compiler vectorises the loops it is
@@ -176,17 +184,21 @@ constexpr int64_t kDropoutChunk = 1 << 14;
 // input or output), stored as O: the same values as multiplying in float32 and then
 // rounding, as PyTorch's conversion does.
 template <typename I, typename O, typename T>
+STEP_INLINE void dropout_range(const I* __restrict__ x, const int16_t* __restrict__ bits,
+                               O* __restrict__ out, int64_t begin, int64_t end,
+                               int16_t threshold, T scale) {
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    narrow(widen(x[i]) * (bits[i] >= threshold ? scale : T(0)), out[i]);
+  }
+}
+
+template <typename I, typename O, typename T>
 void dropout_kernel(const I* x, const int16_t* bits, O* out, int64_t n, int16_t threshold,
                     T scale) {
   at::parallel_for(0, (n + kDropoutChunk - 1) / kDropoutChunk, 1, [&](int64_t begin, int64_t end) {
-    const int64_t stop = std::min(n, end * kDropoutChunk);
-    const I* __restrict__ in = x;
-    const int16_t* __restrict__ b = bits;
-    O* __restrict__ o = out;
-#pragma omp simd
-    for (int64_t i = begin * kDropoutChunk; i < stop; ++i) {
-      narrow(widen(in[i]) * (b[i] >= threshold ? scale : T(0)), o[i]);
-    }
+    dropout_range(x, bits, out, begin * kDropoutChunk, std::min(n, end * kDropoutChunk),
+                  threshold, scale);
   });
 }
 
@@ -199,28 +211,45 @@ constexpr int64_t kResidualBlock = 512;
 // cannot contract them into fused multiply-adds: the result is then, bit for bit, the
 // dropout followed by the addition.
 template <typename I, typename T>
+STEP_INLINE void dropout_add_block(const T* __restrict__ residual, const I* __restrict__ x,
+                                   const int16_t* __restrict__ bits, T* __restrict__ out,
+                                   int64_t begin, int64_t end, int16_t threshold, T scale) {
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    out[i] = widen(x[i]) * (bits[i] >= threshold ? scale : T(0));
+  }
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) out[i] = residual[i] + out[i];
+}
+
+template <typename I, typename T>
 void dropout_add_kernel(const T* residual, const I* x, const int16_t* bits, T* out, int64_t n,
                         int16_t threshold, T scale) {
   at::parallel_for(0, (n + kDropoutChunk - 1) / kDropoutChunk, 1, [&](int64_t begin, int64_t end) {
     const int64_t stop = std::min(n, end * kDropoutChunk);
-    const T* __restrict__ r = residual;
-    const I* __restrict__ in = x;
-    const int16_t* __restrict__ b = bits;
-    T* __restrict__ o = out;
     for (int64_t start = begin * kDropoutChunk; start < stop; start += kResidualBlock) {
-      const int64_t last = std::min(stop, start + kResidualBlock);
-#pragma omp simd
-      for (int64_t i = start; i < last; ++i) {
-        o[i] = widen(in[i]) * (b[i] >= threshold ? scale : T(0));
-      }
-#pragma omp simd
-      for (int64_t i = start; i < last; ++i) o[i] = r[i] + o[i];
+      dropout_add_block(residual, x, bits, out, start, std::min(stop, start + kResidualBlock),
+                        threshold, scale);
     }
   });
 }
 
 // Rows of one piece of work of the GELU kernels.
 constexpr int64_t kGeluRows = 64;
+
+// gelu(h + bias) for one row and, with kDerivative, its derivative by h.
+template <bool kDerivative, typename S, typename T>
+STEP_INLINE void bias_gelu_row(const S* __restrict__ h, const T* __restrict__ bias,
+                               S* __restrict__ out, S* __restrict__ derivative, int64_t width) {
+#pragma omp simd
+  for (int64_t j = 0; j < width; ++j) {
+    const T u = widen(h[j]) + bias[j];
+    T cdf, pdf;
+    normal_cdf_pdf(u, cdf, pdf);
+    narrow(u * cdf, out[j]);
+    if constexpr (kDerivative) narrow(cdf + u * pdf, derivative[j]);
+  }
+}
 
 // gelu(h + bias) and, where derivative is not null, its derivative by h, from h of type S
 // (T, or bfloat16 under autocast) and a bias of the compute type T; the results stored
@@ -231,26 +260,11 @@ void bias_gelu_forward_kernel(const S* h, const T* bias, S* out, S* derivative, 
                               int64_t width) {
   at::parallel_for(0, (rows + kGeluRows - 1) / kGeluRows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin * kGeluRows; r < std::min(rows, end * kGeluRows); ++r) {
-      const S* __restrict__ hr = h + r * width;
-      S* __restrict__ outr = out + r * width;
       if (derivative == nullptr) {
-#pragma omp simd
-        for (int64_t j = 0; j < width; ++j) {
-          const T u = widen(hr[j]) + bias[j];
-          T cdf, pdf;
-          normal_cdf_pdf(u, cdf, pdf);
-          narrow(u * cdf, outr[j]);
-        }
-        continue;
-      }
-      S* __restrict__ dr = derivative + r * width;
-#pragma omp simd
-      for (int64_t j = 0; j < width; ++j) {
-        const T u = widen(hr[j]) + bias[j];
-        T cdf, pdf;
-        normal_cdf_pdf(u, cdf, pdf);
-        narrow(u * cdf, outr[j]);
-        narrow(cdf + u * pdf, dr[j]);
+        bias_gelu_row<false>(h + r * width, bias, out + r * width, derivative, width);
+      } else {
+        bias_gelu_row<true>(h + r * width, bias, out + r * width, derivative + r * width,
+                            width);
       }
     }
   });
@@ -260,23 +274,29 @@ void bias_gelu_forward_kernel(const S* h, const T* bias, S* out, S* derivative, 
 // sum over the rows in T, per piece of rows and then over the pieces in order, so that it
 // does not depend on the number of threads).
 template <typename S, typename T>
+STEP_INLINE void bias_gelu_backward_row(const S* __restrict__ grad,
+                                        const S* __restrict__ derivative,
+                                        S* __restrict__ grad_h, T* __restrict__ sums,
+                                        int64_t width) {
+#pragma omp simd
+  for (int64_t j = 0; j < width; ++j) {
+    const T g = widen(grad[j]) * widen(derivative[j]);
+    narrow(g, grad_h[j]);
+    sums[j] += g;
+  }
+}
+
+template <typename S, typename T>
 void bias_gelu_backward_kernel(const S* grad, const S* derivative, S* grad_h, T* grad_bias,
                                int64_t rows, int64_t width) {
   const int64_t pieces = (rows + kGeluRows - 1) / kGeluRows;
   std::vector<T> partial(pieces * width, T(0));
+  T* const partial_sums = partial.data();
   at::parallel_for(0, pieces, 1, [&](int64_t begin, int64_t end) {
     for (int64_t piece = begin; piece < end; ++piece) {
-      T* __restrict__ sums = partial.data() + piece * width;
       for (int64_t r = piece * kGeluRows; r < std::min(rows, (piece + 1) * kGeluRows); ++r) {
-        const S* __restrict__ gr = grad + r * width;
-        const S* __restrict__ dr = derivative + r * width;
-        S* __restrict__ outr = grad_h + r * width;
-#pragma omp simd
-        for (int64_t j = 0; j < width; ++j) {
-          const T g = widen(gr[j]) * widen(dr[j]);
-          narrow(g, outr[j]);
-          sums[j] += g;
-        }
+        bias_gelu_backward_row(grad + r * width, derivative + r * width, grad_h + r * width,
+                               partial_sums + piece * width, width);
       }
     }
   });
@@ -294,26 +314,59 @@ constexpr int64_t kNormRows = 64;
 // bfloat16 under autocast, where the next operation is a bfloat16 product). The mean and
 // the reciprocal standard deviation of every row are kept for the backward pass.
 template <typename T, typename O>
+STEP_INLINE void layer_norm_row(const T* __restrict__ x, const T* __restrict__ gamma,
+                                const T* __restrict__ beta, O* __restrict__ out,
+                                T* __restrict__ mean, T* __restrict__ rstd, int64_t width,
+                                T eps) {
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < width; ++j) sum += x[j];
+  const T m = sum / width;
+  T squares = 0;
+#pragma omp simd reduction(+ : squares)
+  for (int64_t j = 0; j < width; ++j) squares += (x[j] - m) * (x[j] - m);
+  const T s = T(1) / std::sqrt(squares / width + eps);
+#pragma omp simd
+  for (int64_t j = 0; j < width; ++j) narrow((x[j] - m) * s * gamma[j] + beta[j], out[j]);
+  *mean = m;
+  *rstd = s;
+}
+
+template <typename T, typename O>
 void layer_norm_forward_kernel(const T* x, const T* gamma, const T* beta, O* out, T* mean,
                                T* rstd, int64_t rows, int64_t width, T eps) {
   at::parallel_for(0, (rows + kNormRows - 1) / kNormRows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin * kNormRows; r < std::min(rows, end * kNormRows); ++r) {
-      const T* __restrict__ xr = x + r * width;
-      O* __restrict__ outr = out + r * width;
-      T sum = 0;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < width; ++j) sum += xr[j];
-      const T m = sum / width;
-      T squares = 0;
-#pragma omp simd reduction(+ : squares)
-      for (int64_t j = 0; j < width; ++j) squares += (xr[j] - m) * (xr[j] - m);
-      const T s = T(1) / std::sqrt(squares / width + eps);
-#pragma omp simd
-      for (int64_t j = 0; j < width; ++j) narrow((xr[j] - m) * s * gamma[j] + beta[j], outr[j]);
-      mean[r] = m;
-      rstd[r] = s;
+      layer_norm_row(x + r * width, gamma, beta, out + r * width, mean + r, rstd + r, width,
+                     eps);
     }
   });
+}
+
+// The gradient of one row's input, with its terms of the weight and bias gradients added
+// to sum_gamma and sum_beta.
+template <typename T, typename O>
+STEP_INLINE void layer_norm_backward_row(const O* __restrict__ grad, const T* __restrict__ x,
+                                         T m, T s, const T* __restrict__ gamma,
+                                         T* __restrict__ grad_x, T* __restrict__ sum_gamma,
+                                         T* __restrict__ sum_beta, int64_t width) {
+  T a = 0, b = 0;
+#pragma omp simd reduction(+ : a, b)
+  for (int64_t j = 0; j < width; ++j) {
+    const T g = widen(grad[j]);
+    const T xhat = (x[j] - m) * s;
+    a += g * gamma[j];
+    b += g * gamma[j] * xhat;
+    sum_gamma[j] += g * xhat;
+    sum_beta[j] += g;
+  }
+  a /= width;
+  b /= width;
+#pragma omp simd
+  for (int64_t j = 0; j < width; ++j) {
+    const T xhat = (x[j] - m) * s;
+    grad_x[j] = s * (widen(grad[j]) * gamma[j] - a - xhat * b);
+  }
 }
 
 // Gradients of the input, the weight and the bias from the gradient of the output (of
@@ -325,32 +378,13 @@ void layer_norm_backward_kernel(const O* grad, const T* x, const T* mean, const 
                                 int64_t rows, int64_t width) {
   const int64_t pieces = (rows + kNormRows - 1) / kNormRows;
   std::vector<T> partial(2 * pieces * width, T(0));
+  T* const partial_sums = partial.data();
   at::parallel_for(0, pieces, 1, [&](int64_t begin, int64_t end) {
     for (int64_t piece = begin; piece < end; ++piece) {
-      T* __restrict__ sum_gamma = partial.data() + 2 * piece * width;
-      T* __restrict__ sum_beta = sum_gamma + width;
+      T* sum_gamma = partial_sums + 2 * piece * width;
       for (int64_t r = piece * kNormRows; r < std::min(rows, (piece + 1) * kNormRows); ++r) {
-        const O* __restrict__ gr = grad + r * width;
-        const T* __restrict__ xr = x + r * width;
-        T* __restrict__ outr = grad_x + r * width;
-        const T m = mean[r], s = rstd[r];
-        T a = 0, b = 0;
-#pragma omp simd reduction(+ : a, b)
-        for (int64_t j = 0; j < width; ++j) {
-          const T g = widen(gr[j]);
-          const T xhat = (xr[j] - m) * s;
-          a += g * gamma[j];
-          b += g * gamma[j] * xhat;
-          sum_gamma[j] += g * xhat;
-          sum_beta[j] += g;
-        }
-        a /= width;
-        b /= width;
-#pragma omp simd
-        for (int64_t j = 0; j < width; ++j) {
-          const T xhat = (xr[j] - m) * s;
-          outr[j] = s * (widen(gr[j]) * gamma[j] - a - xhat * b);
-        }
+        layer_norm_backward_row(grad + r * width, x + r * width, mean[r], rstd[r], gamma,
+                                grad_x + r * width, sum_gamma, sum_gamma + width, width);
       }
     }
   });
@@ -590,6 +624,17 @@ void forward_kernel(const S* qkv, S* out, T* lse, const Layout& s, T scale) {
   });
 }
 
+// The saved log-sum-exp of a group's rows, (query, head), zero for padded heads.
+template <typename T>
+STEP_INLINE void gather_row_lse(const T* __restrict__ lse, int64_t t_n, int64_t in_group,
+                                T* __restrict__ row_lse) {
+  for (int64_t i = 0; i < t_n; ++i) {
+    for (int64_t g = 0; g < kHeadGroup; ++g) {
+      row_lse[i * kHeadGroup + g] = g < in_group ? lse[g * t_n + i] : T(0);
+    }
+  }
+}
+
 template <typename S, typename T, int64_t D>
 void backward_kernel(const S* grad_out, const S* qkv, const T* lse, S* grad_qkv,
                      const Layout& s, T scale) {
@@ -615,11 +660,7 @@ void backward_kernel(const S* grad_out, const S* qkv, const T* lse, S* grad_qkv,
       gather_group<S, T, D>(qkv + offset + 2 * s.width, s.token_stride, t_n, in_group, v);
       gather_group<S, T, D>(grad_out + cell * t_n * s.width + h0 * D, s.width, t_n, in_group,
                             go);
-      for (int64_t i = 0; i < t_n; ++i) {
-        for (int64_t g = 0; g < G; ++g) {
-          row_lse[i * G + g] = g < in_group ? lse[(cell * s.heads + h0 + g) * t_n + i] : T(0);
-        }
-      }
+      gather_row_lse(lse + (cell * s.heads + h0) * t_n, t_n, in_group, row_lse);
       // rows: the weights again (from the scores and the saved log-sum-exp; padded heads
       // get weight 1 and gradient 0), the gradient of the scores, and that of the queries
       S* dst = grad_qkv + offset;
@@ -1184,6 +1225,14 @@ std::vector<torch::Tensor> count_log_prob(const torch::Tensor& x, const torch::T
   return {out, d_mu, d_theta, d_pi};
 }
 
+// How many threads at::parallel_for gives a range of `pieces` pieces of work, as the
+// kernels above call it: one where the build has no OpenMP, whatever torch's setting.
+int64_t parallel_threads(int64_t pieces) {
+  std::vector<char> used(std::max(at::get_num_threads(), 1), 0);
+  at::parallel_for(0, pieces, 1, [&](int64_t, int64_t) { used[at::get_thread_num()] = 1; });
+  return std::count(used.begin(), used.end(), 1);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1196,4 +1245,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("layer_norm_backward", &layer_norm_backward, "gradients of LayerNorm");
   m.def("dropout_add", &dropout_add, "residual + x * (16-bit chunk >= threshold ? scale : 0)");
   m.def("count_log_prob", &count_log_prob, "(zero-inflated) negative binomial log p(x), derivatives");
+  m.def("parallel_threads", &parallel_threads, "threads the kernels split a range over");
 }
