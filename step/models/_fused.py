@@ -82,18 +82,19 @@ def _cpu_signature() -> str:
     return "\n".join(sorted({line for line in lines if line.startswith(wanted)}))
 
 
-def _build_flags() -> tuple[list[str], list[str]]:
-    """Compiler and linker flags: OpenMP where torch itself is built with it, on Linux."""
-    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+def _build_flags(openmp: bool = True) -> tuple[list[str], list[str]]:
+    """Compiler and linker flags; with ``openmp``, OpenMP where torch itself is built
+    with it, on Linux."""
+    if openmp and sys.platform.startswith("linux") and torch.backends.openmp.is_available():
         return [*_FLAGS, *_OPENMP_FLAGS], list(_OPENMP_FLAGS)
     return list(_FLAGS), []
 
 
-def _build_name() -> str:
+def _build_name(openmp: bool = True) -> str:
     """An extension name that changes with the source, the flags, torch and the CPU, so
     that a cache shared by several machines never hands one CPU another's build."""
     digest = hashlib.sha1()
-    cflags, ldflags = _build_flags()
+    cflags, ldflags = _build_flags(openmp)
     for part in (_SOURCE.read_bytes(), " ".join(cflags + ldflags).encode(),
                  torch.__version__.encode(), _cpu_signature().encode()):
         digest.update(part)
@@ -103,18 +104,25 @@ def _build_name() -> str:
 def _load() -> ModuleType | None:
     if os.environ.get(_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return None
-    try:
-        from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import load
 
-        _log.info("Loading the fused CPU kernels (compiled at their first use on a machine).")
-        cflags, ldflags = _build_flags()
-        return load(_build_name(), [str(_SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags,
-                    verbose=False)
-    except Exception as err:  # noqa: BLE001 - any build failure falls back
-        warnings.warn(f"The fused CPU kernels are not available ({type(err).__name__}: "
-                      f"{str(err).strip()[:300]}); the model runs unfused, which is slower. "
-                      f"Set {_ENV}=0 to skip the attempt.", RuntimeWarning, stacklevel=3)
-        return None
+    _log.info("Loading the fused CPU kernels (compiled at their first use on a machine).")
+    attempts = [True, False] if _build_flags(True) != _build_flags(False) else [False]
+    for openmp in attempts:
+        try:
+            cflags, ldflags = _build_flags(openmp)
+            return load(_build_name(openmp), [str(_SOURCE)], extra_cflags=cflags,
+                        extra_ldflags=ldflags, verbose=False)
+        except Exception as err:  # noqa: BLE001 - any build failure falls back
+            if openmp:  # a compiler without OpenMP: the kernels can still run on one thread
+                _log.info("Building the fused CPU kernels with OpenMP failed (%s); "
+                          "building them without.", err)
+                continue
+            warnings.warn(f"The fused CPU kernels are not available ({type(err).__name__}: "
+                          f"{str(err).strip()[:300]}); the model runs unfused, which is "
+                          f"slower. Set {_ENV}=0 to skip the attempt.", RuntimeWarning,
+                          stacklevel=3)
+    return None
 
 
 def _module() -> ModuleType | None:

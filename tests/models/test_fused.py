@@ -452,6 +452,27 @@ def test_encoder_matches_its_unfused_computation() -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_a_build_without_openmp_is_tried_when_the_openmp_build_fails(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    tried = []
+
+    def openmp_fails(name, sources, *, extra_cflags, extra_ldflags, **kwargs):
+        tried.append((name, list(extra_cflags)))
+        if "-fopenmp" in extra_cflags:
+            raise RuntimeError("unrecognized command-line option '-fopenmp'")
+        return "module"
+
+    monkeypatch.delenv("STEP_FUSED_KERNELS", raising=False)
+    monkeypatch.setattr(fused.sys, "platform", "linux")
+    monkeypatch.setattr(torch.backends.openmp, "is_available", lambda: True)
+    monkeypatch.setattr("torch.utils.cpp_extension.load", openmp_fails)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fused._load() == "module"
+    assert [("-fopenmp" in flags) for _, flags in tried] == [True, False]
+    assert tried[0][0] != tried[1][0]  # separate builds in the cache
+
+
 def test_build_name_follows_the_source_and_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     name = fused._build_name()
     assert name.startswith("step_fused_cpu_")
