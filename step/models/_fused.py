@@ -101,6 +101,19 @@ def _build_name(openmp: bool = True) -> str:
     return f"step_fused_cpu_{digest.hexdigest()[:12]}"
 
 
+def _shares_torch_threads(module: Any) -> bool:
+    """Whether an OpenMP build follows ``torch.set_num_threads``: it does when it runs on
+    the OpenMP runtime torch has loaded, not when it loaded a second one of its own (a
+    torch whose runtime goes by another library name), whose threads torch does not
+    control."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        return int(module.parallel_threads(64)) == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def _load() -> ModuleType | None:
     if os.environ.get(_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return None
@@ -111,8 +124,8 @@ def _load() -> ModuleType | None:
     for openmp in attempts:
         try:
             cflags, ldflags = _build_flags(openmp)
-            return load(_build_name(openmp), [str(_SOURCE)], extra_cflags=cflags,
-                        extra_ldflags=ldflags, verbose=False)
+            module = load(_build_name(openmp), [str(_SOURCE)], extra_cflags=cflags,
+                          extra_ldflags=ldflags, verbose=False)
         except Exception as err:  # noqa: BLE001 - any build failure falls back
             if openmp:  # a compiler without OpenMP: the kernels can still run on one thread
                 _log.info("Building the fused CPU kernels with OpenMP failed (%s); "
@@ -122,6 +135,12 @@ def _load() -> ModuleType | None:
                           f"{str(err).strip()[:300]}); the model runs unfused, which is "
                           f"slower. Set {_ENV}=0 to skip the attempt.", RuntimeWarning,
                           stacklevel=3)
+            return None
+        if openmp and not _shares_torch_threads(module):
+            _log.info("The OpenMP build of the fused CPU kernels does not follow "
+                      "torch.set_num_threads; using a build without OpenMP.")
+            continue
+        return module
     return None
 
 

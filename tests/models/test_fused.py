@@ -460,7 +460,7 @@ def test_a_build_without_openmp_is_tried_when_the_openmp_build_fails(
         tried.append((name, list(extra_cflags)))
         if "-fopenmp" in extra_cflags:
             raise RuntimeError("unrecognized command-line option '-fopenmp'")
-        return "module"
+        return "module"  # the single-thread build: not checked for threads
 
     monkeypatch.delenv("STEP_FUSED_KERNELS", raising=False)
     monkeypatch.setattr(fused.sys, "platform", "linux")
@@ -471,6 +471,36 @@ def test_a_build_without_openmp_is_tried_when_the_openmp_build_fails(
         assert fused._load() == "module"
     assert [("-fopenmp" in flags) for _, flags in tried] == [True, False]
     assert tried[0][0] != tried[1][0]  # separate builds in the cache
+
+
+def test_an_openmp_build_with_its_own_threads_is_not_used(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An OpenMP build that ignores torch.set_num_threads (a second OpenMP runtime) is
+    replaced by the single-thread build."""
+
+    class Build:
+        def __init__(self, openmp: bool) -> None:
+            self.openmp = openmp
+
+        def parallel_threads(self, pieces: int) -> int:
+            return 4 if self.openmp else 1
+
+    def build(name, sources, *, extra_cflags, extra_ldflags, **kwargs):
+        return Build("-fopenmp" in extra_cflags)
+
+    monkeypatch.delenv("STEP_FUSED_KERNELS", raising=False)
+    monkeypatch.setattr(fused.sys, "platform", "linux")
+    monkeypatch.setattr(torch.backends.openmp, "is_available", lambda: True)
+    monkeypatch.setattr("torch.utils.cpp_extension.load", build)
+    before = torch.get_num_threads()
+    module = fused._load()
+    assert isinstance(module, Build) and not module.openmp
+    assert torch.get_num_threads() == before
+
+
+@needs_kernel
+def test_the_build_in_use_follows_torchs_thread_setting() -> None:
+    assert fused._shares_torch_threads(fused._module())
 
 
 def test_build_name_follows_the_source_and_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
