@@ -52,7 +52,7 @@ LABEL_KEY = "bulk_labels"
 STEPKIT_EPOCHS = 100
 SCVI_EPOCHS = 30
 METHODS = ("ours", "fp32", "bf16", "pca", "stepkit", "scvi")
-DEFAULT_METHODS = ("ours", "bf16", "pca", "stepkit", "scvi")
+DEFAULT_METHODS = tuple(m for m in METHODS if m != "fp32")
 DEFAULT_SCVI_PYTHON = Path(os.environ.get("SCVI_PYTHON", C.DEFAULT_SCVI_PYTHON))
 
 

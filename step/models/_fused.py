@@ -105,11 +105,12 @@ def _shares_torch_threads(module: Any) -> bool:
     """Whether an OpenMP build follows ``torch.set_num_threads``: it does when it runs on
     the OpenMP runtime torch has loaded, not when it loaded a second one of its own (a
     torch whose runtime goes by another library name), whose threads torch does not
-    control."""
+    control. With torch at two threads (the least at which ``at::parallel_for`` goes
+    parallel), a second runtime starts as many threads as there are cores."""
     before = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        return int(module.parallel_threads(64)) == 1
+        torch.set_num_threads(2)
+        return int(module.parallel_threads(64)) <= 2
     finally:
         torch.set_num_threads(before)
 
@@ -120,8 +121,8 @@ def _load() -> ModuleType | None:
     from torch.utils.cpp_extension import load
 
     _log.info("Loading the fused CPU kernels (compiled at their first use on a machine).")
-    attempts = [True, False] if _build_flags(True) != _build_flags(False) else [False]
-    for openmp in attempts:
+    openmp_possible = bool(_build_flags(openmp=True)[1])
+    for openmp in (True, False) if openmp_possible else (False,):
         try:
             cflags, ldflags = _build_flags(openmp)
             module = load(_build_name(openmp), [str(_SOURCE)], extra_cflags=cflags,

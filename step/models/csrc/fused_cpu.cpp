@@ -45,6 +45,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -1227,10 +1228,11 @@ std::vector<torch::Tensor> count_log_prob(const torch::Tensor& x, const torch::T
 
 // How many threads at::parallel_for gives a range of `pieces` pieces of work, as the
 // kernels above call it: one where the build has no OpenMP, whatever torch's setting.
+// at::parallel_for calls its function once per thread that gets a share of the range.
 int64_t parallel_threads(int64_t pieces) {
-  std::vector<char> used(std::max(at::get_num_threads(), 1), 0);
-  at::parallel_for(0, pieces, 1, [&](int64_t, int64_t) { used[at::get_thread_num()] = 1; });
-  return std::count(used.begin(), used.end(), 1);
+  std::atomic<int64_t> calls{0};
+  at::parallel_for(0, pieces, 1, [&](int64_t, int64_t) { calls.fetch_add(1); });
+  return calls.load();
 }
 
 }  // namespace
