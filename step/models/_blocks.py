@@ -245,7 +245,8 @@ class _EncoderLayer(nn.TransformerEncoderLayer):
         if self.activation is not F.gelu or self.linear1.bias is None \
                 or not (_fused_applies(x) or _fused_bf16_applies(x, self.linear1.bias)):
             return self.linear2(self.dropout(self.activation(self.linear1(x))))
-        hidden = fused_bias_gelu(torch.matmul(x, self.linear1.weight.t()), self.linear1.bias)
+        hidden = fused_bias_gelu(torch.matmul(x, self.linear1.weight.t()), self.linear1.bias,
+                                 overwrite_h=True)
         return self.linear2(self.dropout(hidden))
 
 

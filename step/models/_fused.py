@@ -244,25 +244,35 @@ def fused_self_attention(qkv: Tensor, heads: int, scale: float) -> Tensor:
 
 class _FusedBiasGelu(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, h: Tensor, bias: Tensor) -> Tensor:
-        out, derivative = _module().bias_gelu_forward(h, bias, any(ctx.needs_input_grad))
+    def forward(ctx: Any, h: Tensor, bias: Tensor, overwrite: bool
+                ) -> tuple[Tensor, Tensor | None]:
+        keep = any(ctx.needs_input_grad)
+        in_h = keep and overwrite
+        out, derivative = _module().bias_gelu_forward(h, bias, keep, in_h)
         ctx.save_for_backward(derivative, bias)
-        return out
+        ctx.set_materialize_grads(False)
+        if not in_h:
+            return out, None
+        # h now holds the derivative: autograd is told, so that nothing reads it as h.
+        ctx.mark_dirty(h)
+        ctx.mark_non_differentiable(h)
+        return out, h
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor]:
+    def backward(ctx: Any, grad: Tensor | None, _: Any) -> tuple[Tensor | None, ...]:
+        if grad is None:
+            return None, None, None
         derivative, bias = ctx.saved_tensors
         grad_h, grad_bias = _module().bias_gelu_backward(grad, derivative, bias)
-        return grad_h, grad_bias
+        return grad_h, grad_bias, None
 
 
-def fused_bias_gelu(h: Tensor, bias: Tensor) -> Tensor:
+def fused_bias_gelu(h: Tensor, bias: Tensor, *, overwrite_h: bool = False) -> Tensor:
     """``gelu(h + bias)`` (the exact, erf-based GELU) in one pass, on the CPU.
 
     The pass also writes the GELU's derivative, which the backward pass multiplies by
-    the incoming gradient (instead of evaluating erf again); it is kept in place of
-    ``h``, so the memory held for the backward pass is the same.
+    the incoming gradient (instead of evaluating erf again).
 
     Parameters
     ----------
@@ -272,6 +282,12 @@ def fused_bias_gelu(h: Tensor, bias: Tensor) -> Tensor:
     bias
         The bias, shape ``(h.shape[-1],)``, of the dtype of ``h`` (float32 for bfloat16
         ``h``).
+    overwrite_h
+        Keep the derivative in ``h``'s memory instead of a new buffer, for an ``h``
+        that nothing else reads afterwards (a product made just for this call): one
+        buffer of ``h``'s size fewer per call. ``h`` is then marked as modified in
+        place, so autograd refuses a backward pass through anything that saved it.
+        ``h`` must not be a leaf that requires gradients.
 
     Returns
     -------
@@ -288,7 +304,7 @@ def fused_bias_gelu(h: Tensor, bias: Tensor) -> Tensor:
         If the kernels are not available (check :func:`fused_kernels_available`).
     """
     _require()
-    return _FusedBiasGelu.apply(h.contiguous(), bias.contiguous())
+    return _FusedBiasGelu.apply(h.contiguous(), bias.contiguous(), overwrite_h)[0]
 
 
 def _dropout_into(x: Tensor, bits: Tensor, threshold: int, scale: float,

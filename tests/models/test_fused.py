@@ -99,6 +99,9 @@ def test_second_derivatives_are_refused_not_wrong() -> None:
 @pytest.mark.skipif(not (sys.platform.startswith("linux") and torch.backends.openmp.is_available()),
                     reason="the kernels are built with OpenMP on Linux only")
 def test_kernels_split_their_work_over_torchs_threads() -> None:
+    if fused._module().__name__ != fused._build_name(openmp=True):
+        pytest.skip("the single-thread build is in use: the OpenMP build failed, or it ran "
+                    "on an OpenMP runtime of its own")
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -208,6 +211,34 @@ def test_bias_gelu_in_bfloat16_is_the_float32_computation_rounded() -> None:
     u = (h.detach().double() + bias.detach().double()).requires_grad_()
     (grad_ref,) = torch.autograd.grad(F.gelu(u), u, grad.double())
     assert ((grad_h.double() - grad_ref).abs() <= 2 * 2**-8 * grad_ref.abs() + 1e-6).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("autocast", [False, True])
+def test_bias_gelu_over_its_input_gives_the_same_results(autocast: bool) -> None:
+    """The derivative kept in the product's memory: same output, same gradients, and
+    the product is marked as modified."""
+    torch.manual_seed(3)
+    x, weight = torch.randn(6, 33, 64, requires_grad=True), torch.randn(256, 64, requires_grad=True)
+    bias = torch.randn(256, requires_grad=True)
+    results = []
+    for overwrite in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            h = torch.matmul(x, weight.t())
+            version = h._version
+            out = fused.fused_bias_gelu(h, bias, overwrite_h=overwrite)
+        assert (h._version > version) == overwrite
+        grads = torch.autograd.grad((out.float() * torch.linspace(-1, 1, 256)).sum(),
+                                    (x, weight, bias))
+        results.append((out, *grads))
+    for plain, over in zip(*results):
+        assert torch.equal(plain, over)
+    if not autocast:  # a backward pass that would read h as the product is refused
+        h = torch.matmul(x, weight.t())
+        saved = h.sin()  # keeps h for its own backward pass
+        out = fused.fused_bias_gelu(h, bias, overwrite_h=True)
+        with pytest.raises(RuntimeError, match="inplace"):
+            (saved.sum() + out.sum()).backward()
 
 
 @needs_kernel
@@ -371,9 +402,9 @@ def test_encoder_uses_the_kernel_for_narrow_heads(monkeypatch: pytest.MonkeyPatc
     gelu_calls = []
     original_gelu = fused.fused_bias_gelu
 
-    def counting_gelu(*args):
+    def counting_gelu(*args, **kwargs):
         gelu_calls.append(args[0].shape)
-        return original_gelu(*args)
+        return original_gelu(*args, **kwargs)
 
     monkeypatch.setattr("step.models._blocks.fused_self_attention", counting)
     monkeypatch.setattr("step.models._blocks.fused_bias_gelu", counting_gelu)

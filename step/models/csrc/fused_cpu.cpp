@@ -238,10 +238,11 @@ void dropout_add_kernel(const T* residual, const I* x, const int16_t* bits, T* o
 // Rows of one piece of work of the GELU kernels.
 constexpr int64_t kGeluRows = 64;
 
-// gelu(h + bias) for one row and, with kDerivative, its derivative by h.
+// gelu(h + bias) for one row and, with kDerivative, its derivative by h. derivative may
+// be h itself (each element is read before it is overwritten), so neither is restrict.
 template <bool kDerivative, typename S, typename T>
-STEP_INLINE void bias_gelu_row(const S* __restrict__ h, const T* __restrict__ bias,
-                               S* __restrict__ out, S* __restrict__ derivative, int64_t width) {
+STEP_INLINE void bias_gelu_row(const S* h, const T* __restrict__ bias, S* __restrict__ out,
+                               S* derivative, int64_t width) {
 #pragma omp simd
   for (int64_t j = 0; j < width; ++j) {
     const T u = widen(h[j]) + bias[j];
@@ -793,11 +794,15 @@ void check_bias_gelu(const torch::Tensor& h, const torch::Tensor& bias) {
 
 // gelu(h + bias) and, where asked for (for the backward pass), its derivative by h, both
 // of h's dtype; without it the second tensor is empty.
+// With derivative_in_h the derivative is written over h (which the caller then no longer
+// reads as the product), saving a buffer of h's size.
 std::vector<torch::Tensor> bias_gelu_forward(const torch::Tensor& h, const torch::Tensor& bias,
-                                             bool with_derivative) {
+                                             bool with_derivative, bool derivative_in_h) {
   check_bias_gelu(h, bias);
   auto out = torch::empty_like(h);
-  auto derivative = with_derivative ? torch::empty_like(h) : torch::empty({0}, h.options());
+  auto derivative = !with_derivative  ? torch::empty({0}, h.options())
+                    : derivative_in_h ? h
+                                      : torch::empty_like(h);
   const int64_t width = h.size(-1), rows = width ? h.numel() / width : 0;
   if (h.scalar_type() == torch::kBFloat16) {
     bias_gelu_forward_kernel(elements<at::BFloat16>(h), bias.data_ptr<float>(),

@@ -6,7 +6,7 @@ from ._checkpoint import read_checkpoint, seed_everything
 from ._convergence import ConvergenceProbe
 from ._early_stopping import EarlyStopping
 from ._guard import NonFiniteError
-from ._memory import ReleaseFreedMemory
+from ._memory import ReleaseFreedMemory, reuse_freed_memory
 from ._plan import TrainingPlan
 from ._progress import train_loop_formatter
 from ._signals import TrainingInterrupted
@@ -40,6 +40,7 @@ __all__ = [
     "category_random_split",
     "make_loaders",
     "read_checkpoint",
+    "reuse_freed_memory",
     "seed_everything",
     "train_loop_formatter",
 ]

@@ -24,6 +24,7 @@ from ._optim import build_optimizer
 from ._plan import TrainingPlan, as_inputs
 from ._predict import predict
 from ._loops import LoopMethods
+from ._memory import reuse_freed_memory as reuse_memory
 from ._running import RunningMeans
 from ._schedule import Schedule
 from ._split import make_loaders as _make_loaders
@@ -85,6 +86,12 @@ class Trainer(LoopMethods, CheckpointMethods):
         (``"stop"``). When it cannot recover the loop raises :class:`NonFiniteError`.
     cache_on_device
         Densify the datasets of ``train_batch`` loaders on the device once.
+    reuse_freed_memory
+        On the CPU with glibc (Linux), let the allocator keep the buffers a step frees
+        for the next steps instead of returning them to the system and faulting them in
+        again (:func:`~step.functionality.comps.trainer.reuse_freed_memory`; it changes
+        two allocator settings for the whole process). ``False`` leaves the allocator
+        as it is.
     checkpoint_path, checkpoint_every
         Write a checkpoint every ``checkpoint_every`` epochs and when a loop ends. On
         Ctrl-C or SIGTERM the state after the last completed epoch is written there.
@@ -115,7 +122,7 @@ class Trainer(LoopMethods, CheckpointMethods):
                  compile: bool | str = False, weight_decay: float = 0.0, kl_warmup_epochs: int = 0,
                  check_finite: bool = True, max_bad_steps: int = 20,
                  on_nonfinite: str = "rollback", max_rollbacks: int = 3,
-                 cache_on_device: bool = False,
+                 cache_on_device: bool = False, reuse_freed_memory: bool = True,
                  checkpoint_path: str | os.PathLike | None = None,
                  checkpoint_every: int | None = None, callbacks: Iterable[Any] = (),
                  writer: Any = None, distributed: bool | str = "auto",
@@ -133,6 +140,9 @@ class Trainer(LoopMethods, CheckpointMethods):
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(self.device)
         self.model = model.to(self.device)
+        #: whether glibc keeps freed buffers for the next steps (see reuse_freed_memory)
+        self.reuses_freed_memory = bool(reuse_freed_memory) and self.device.type == "cpu" \
+            and reuse_memory()
         self.metadata = dict(metadata or {})
         self.restore_best = restore_best
         self.weight_decay = float(weight_decay)
