@@ -11,7 +11,8 @@ Each process trains step-kit's architecture (3 layers, 8 heads, zero-inflated ne
 binomial) on the 700 PBMCs with batches of 128 through ``Trainer.train_batch``: two
 epochs of warm-up, then the measured epochs. It reports milliseconds per 128 cells of
 wall time and of user and system CPU time (``getrusage``; the system time is mostly
-the kernel's handling of page faults), and the minor page faults per step. The table
+the kernel's handling of page faults), the minor page faults per step and the peak
+resident memory of the process. The table
 gives the median over the repeats and the ratio of the training rates.
 
 Usage::
@@ -61,7 +62,8 @@ def child(reuse: bool, precision: str, threads: int, epochs: int) -> dict[str, A
     return {"reuse": trainer.reuses_freed_memory, "precision": trainer.precision,
             "wall_ms": wall * per_cells, "user_ms": (after.ru_utime - before.ru_utime) * per_cells,
             "sys_ms": (after.ru_stime - before.ru_stime) * per_cells,
-            "faults_per_step": (after.ru_minflt - before.ru_minflt) / (epochs * len(loader))}
+            "faults_per_step": (after.ru_minflt - before.ru_minflt) / (epochs * len(loader)),
+            "peak_rss": C.peak_rss()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -94,13 +96,14 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"[{args.name}] {precision}, {SETTINGS[reuse]}: "
                       f"{result['wall_ms']:.1f} ms per {BATCH_SIZE} cells, "
                       f"{result['faults_per_step']:.0f} faults per step", flush=True)
-    table = C.Table("allocator", "Training with and without reuse of freed memory", [
+    table = C.Table(args.name, "Training with and without reuse of freed memory", [
         C.Column("precision", "precision"), C.Column("allocator", "allocator"),
         C.Column("applied", "settings in effect"),
         C.Column("wall_ms", f"wall ms per {BATCH_SIZE} cells", C.fmt_float(1)),
         C.Column("user_ms", "user CPU ms", C.fmt_float(1)),
         C.Column("sys_ms", "system CPU ms", C.fmt_float(2)),
         C.Column("faults", "page faults per step", C.fmt_int),
+        C.Column("peak_rss", "peak RSS (MiB)", C.fmt_int),
         C.Column("speedup", "rate vs glibc's defaults", C.fmt_ratio)])
     for precision in args.precision:
         base = statistics.median(r["wall_ms"] for r in runs[(precision, False)])
@@ -113,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
                       user_ms=statistics.median(r["user_ms"] for r in rows),
                       sys_ms=statistics.median(r["sys_ms"] for r in rows),
                       faults=statistics.median(r["faults_per_step"] for r in rows),
+                      peak_rss=statistics.median(r["peak_rss"] for r in rows) / 2**20,
                       speedup=base / wall)
     table.notes += [
         f"median over {repeats} processes per row, the two settings alternating; "
