@@ -12,8 +12,8 @@ binomial) on the 700 PBMCs with batches of 128 through ``Trainer.train_batch``: 
 epochs of warm-up, then the measured epochs. It reports milliseconds per 128 cells of
 wall time and of user and system CPU time (``getrusage``; the system time is mostly
 the kernel's handling of page faults), the minor page faults per step and the peak
-resident memory of the process. The table
-gives the median over the repeats and the ratio of the training rates.
+resident memory of the process. The table gives the median over the repeats and the
+ratio of the training rates.
 
 Usage::
 

@@ -1,16 +1,16 @@
 """How training uses glibc's allocator: reuse of freed memory between steps, and a
 callback that hands freed memory back to the operating system.
 
-By default glibc gives a large freed buffer back to the system (``munmap``, or a trim
-of the heap's top) and the next step's buffer of the same size is faulted in again,
-page by page: 1,000-2,000 page faults per training step of the single-cell model, a
-few per cent of its time on one thread and more on two. :func:`reuse_freed_memory`
-makes glibc keep such buffers for the next step.
+With its own settings glibc often gives a freed buffer of a few MiB back to the system
+(``munmap``, or a trim of the heap's top), and the next step's buffer of the same size
+is faulted in again, page by page: 1,000-1,600 page faults per training step of the
+single-cell model. :func:`reuse_freed_memory` makes glibc keep such buffers in the
+heap for the next step.
 
-glibc's allocator keeps the memory a training step frees for the next steps. When the
-sizes of the steps' tensors vary from step to step (sub-graphs sampled from a large
-graph), the kept memory is fragmented and the resident memory of the process keeps
-growing although the live memory does not. ``malloc_trim`` returns the free pages.
+Memory kept in the heap has the opposite cost when the sizes of the steps' tensors
+vary from step to step (sub-graphs sampled from a large graph): the kept memory is
+fragmented and the resident memory of the process keeps growing although the live
+memory does not. ``malloc_trim`` (:class:`ReleaseFreedMemory`) returns the free pages.
 Each release costs the page faults of touching the returned pages again: in
 ``benchmarks/out_of_core_spatial.py`` (2M spots, a release every 4-5 steps) training ran
 at 0.74 times the speed without releases, and releasing after every step at about half.
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 from typing import Any
 
@@ -33,7 +34,6 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 REUSE_BELOW = 32 * _MIB
 #: free memory at the top of the heap up to this size is kept, not returned
 KEEP_FREE = 256 * _MIB
-_reuse: dict[str, bool] = {}
 
 
 def _libc_function(name: str) -> Any:
@@ -48,10 +48,7 @@ def _libc_function(name: str) -> Any:
         return None
 
 
-def _malloc_trim() -> Any:
-    return _libc_function("malloc_trim")
-
-
+@functools.cache
 def reuse_freed_memory() -> bool:
     """Let glibc reuse the buffers that one training step frees for the next ones.
 
@@ -59,22 +56,19 @@ def reuse_freed_memory() -> bool:
     the heap, whose freed memory is reused without page faults) and its trim threshold
     to 256 MiB (up to that much free memory at the top of the heap is kept rather than
     returned to the system). Buffers of 32 MiB or more are still mapped and unmapped
-    one by one. These settings hold for the whole process and are not undone. The
-    :class:`~step.functionality.comps.trainer.Trainer` calls this when it trains on the
-    CPU, unless ``reuse_freed_memory=False``; :class:`ReleaseFreedMemory` still returns
-    free memory when asked.
+    one by one. These settings hold for the whole process and are not undone. A
+    :class:`~step.functionality.comps.trainer.Trainer` built for the CPU calls this,
+    unless ``reuse_freed_memory=False``; :class:`ReleaseFreedMemory` still returns free
+    memory when asked.
 
     Returns
     -------
     bool
         Whether the settings are in effect (False where the C library is not glibc).
     """
-    if "applied" not in _reuse:
-        mallopt = _libc_function("mallopt")
-        _reuse["applied"] = mallopt is not None \
-            and bool(mallopt(_M_MMAP_THRESHOLD, REUSE_BELOW)) \
-            and bool(mallopt(_M_TRIM_THRESHOLD, KEEP_FREE))
-    return _reuse["applied"]
+    mallopt = _libc_function("mallopt")
+    return mallopt is not None and bool(mallopt(_M_MMAP_THRESHOLD, REUSE_BELOW)) \
+        and bool(mallopt(_M_TRIM_THRESHOLD, KEEP_FREE))
 
 
 def _resident_bytes() -> int | None:
@@ -117,7 +111,7 @@ class ReleaseFreedMemory:
             msg = f"threshold_mib must be a positive number, received {threshold_mib!r}"
             raise ValueError(msg)
         self.threshold = float(threshold_mib) * _MIB
-        self._trim = _malloc_trim()
+        self._trim = _libc_function("malloc_trim")
         self.available = self._trim is not None and _resident_bytes() is not None
         self._base: int | None = None
         self.releases = 0
